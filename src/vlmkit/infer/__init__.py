@@ -1,0 +1,1 @@
+"""Inference: batched generation, server, web demo."""

@@ -1,0 +1,1 @@
+"""Model parts: vision towers, bridges, fusion, LLM wrapper and the composed VisionLanguageModel."""

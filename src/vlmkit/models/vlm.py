@@ -1,0 +1,351 @@
+"""VisionLanguageModel: vision tower + bridge + LLM (+ fusion mode); forward, generate, save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoTokenizer
+
+from vlmkit import __version__
+from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.log import get_logger
+from vlmkit.models.bridges import Bridge, build_bridge
+from vlmkit.models.generation import GenerationConfig, decode_loop
+from vlmkit.models.llm import LanguageModel, build_llm
+from vlmkit.models.vision import VisionTower, build_vision_tower
+
+log = get_logger(__name__)
+
+IGNORE_INDEX = -100
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ImageTokenMismatchError(ValueError):
+    """Placeholder tokens in the text do not match the visual tokens the images yield."""
+
+
+@dataclasses.dataclass
+class VLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None
+    past_key_values: Any = None
+
+
+class VisionLanguageModel(nn.Module):
+    """Composes a `VisionTower`, a `Bridge` and a `LanguageModel` under one `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, vision: VisionTower, bridge: Bridge, llm: LanguageModel) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.bridge = bridge
+        self.llm = llm
+        self.fusion: nn.Module | None = None
+        if cfg.fusion.mode == "xattn":
+            from vlmkit.models.xattn import XAttnFusion
+
+            self.fusion = XAttnFusion(llm, cfg.fusion)
+        elif cfg.fusion.mode != "prefix":
+            raise ValueError(f"fusion.mode '{cfg.fusion.mode}' is not one of: prefix, xattn")
+
+    # ------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer: Any = None) -> VisionLanguageModel:
+        """Build every part named in `cfg` (pretrained weights are loaded where a part's kind has them)."""
+        vision = build_vision_tower(cfg.vision)
+        llm = build_llm(cfg.llm, tokenizer)
+        bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge)
+        return cls(cfg, vision, bridge, llm)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.llm.image_token_id
+
+    def tokens_per_image(self, num_tiles: int = 1) -> int:
+        """Placeholder tokens one image occupies in the text (1 under cross-attention fusion)."""
+        if self.fusion is not None:
+            return 1
+        return num_tiles * self.bridge.num_tokens(self.vision.num_patches())
+
+    def image_placeholder(self, num_tiles: int = 1) -> str:
+        """The exact placeholder string for one image (the image token repeated)."""
+        return self.llm.image_token * self.tokens_per_image(num_tiles)
+
+    def transform(self, image: Any) -> torch.Tensor:
+        """PIL image -> pixel tensor [3, S, S] for this model's tower."""
+        return self.vision.transform(image)
+
+    # -------------------------------------------------------------------------------------- forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [I, 3, S, S] -> visual tokens [I, M, D_llm]."""
+        features = self.vision(pixel_values)  # [I, N, Dv]
+        return self.bridge(features).to(self.llm.embeddings.weight.dtype)  # [I, M, Dl]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_counts: Sequence[int] | None = None,
+        sample_ids: Sequence[str] | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> VLMOutput:
+        """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order."""
+        embeds = self.llm.embed(input_ids)  # [B, T, D]
+        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        embeds = self._merge(input_ids, embeds, visual, image_counts, sample_ids)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        if self.fusion is not None:
+            self.fusion.clear()
+        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+
+    def _merge(
+        self,
+        input_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        visual: torch.Tensor | None,
+        image_counts: Sequence[int] | None,
+        sample_ids: Sequence[str] | None,
+    ) -> torch.Tensor:
+        """Prefix fusion: fill placeholders with visual tokens; xattn: hand images to the fusion layers."""
+        is_image = input_ids == self.image_token_id  # [B, T]
+        per_image = self.tokens_per_image()
+        check_image_tokens(is_image.sum(dim=1).tolist(), image_counts, 0 if visual is None else len(visual),
+                           per_image, sample_ids)
+        if visual is None:
+            if self.fusion is not None:
+                self.fusion.set_media(None, None)
+            return embeds
+        if self.fusion is not None:
+            self.fusion.set_media(*media_by_row(visual, is_image))
+            return embeds
+        mask = is_image.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
+
+    # ----------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: Sequence[int] | None = None,
+        config: GenerationConfig | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
+        **overrides: Any,
+    ) -> torch.Tensor:
+        """Decode from left-padded prompts; returns new token ids [B, L] (EOS-padded after a row ends).
+
+        `overrides` set fields of `GenerationConfig` (max_new_tokens, do_sample, temperature, top_p, top_k,
+        seed, stop_strings, use_cache, eos_token_ids).
+        """
+        config = dataclasses.replace(config or GenerationConfig(), **overrides)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.llm.embed(input_ids)
+        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        embeds = self._merge(input_ids, embeds, visual, image_counts, None)
+        media = None
+        if self.fusion is not None and visual is not None:
+            media = media_by_row(visual, input_ids == self.image_token_id)
+        eos = config.eos_token_ids or self.llm.eos_token_ids
+        try:
+            return decode_loop(self._step, embeds, attention_mask, media, self.llm, config, eos, streamer)
+        finally:
+            if self.fusion is not None:
+                self.fusion.clear()
+
+    def _step(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              past_key_values: Any, media: Any) -> Any:
+        """One LLM call for `decode_loop`: embeds [B, t, D] -> logits [B, t, V] (+ cache)."""
+        if self.fusion is not None:
+            self.fusion.set_media(*media) if media is not None else self.fusion.set_media(None, None)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+
+    def generate_text(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None,
+                      **overrides: Any) -> list[str]:
+        """Convenience: prompts with `<image>` markers (already chat-formatted) + PIL images -> texts."""
+        batch = self.prepare_prompts(prompts, images)
+        config = dataclasses.replace(GenerationConfig(), **overrides)
+        new = self.generate(**batch, config=config)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [truncate_at_stop(t, config.stop_strings) for t in texts]
+
+    def prepare_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None
+                        ) -> dict[str, Any]:
+        """Expand each `<image>` marker to its placeholder run, tokenize with left padding, transform images."""
+        images = images or [[] for _ in prompts]
+        marker = self.llm.image_token
+        texts, pixels, counts = [], [], []
+        for prompt, imgs in zip(prompts, images):
+            if prompt.count(marker) != len(imgs):
+                raise ImageTokenMismatchError(
+                    f"prompt has {prompt.count(marker)} '{marker}' markers but {len(imgs)} images were given"
+                )
+            texts.append(prompt.replace(marker, self.image_placeholder()))
+            pixels += [self.transform(im) for im in imgs]
+            counts.append(len(imgs))
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        pixel_values = torch.stack(pixels) if pixels else None
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "pixel_values": pixel_values, "image_counts": counts}
+
+    # -------------------------------------------------------------------------------------- save/load
+    def portable_config(self) -> ModelConfig:
+        """A config that rebuilds this exact architecture without any download or pretrained source."""
+        cfg = from_dict(ModelConfig, to_dict(self.cfg))
+        cfg.llm.kind, cfg.llm.path, cfg.llm.gguf_file = "hf", None, None
+        cfg.llm.hf_config = self.llm.model.config.to_dict()
+        _portable_vision(cfg.vision, self.vision)
+        return cfg
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write config.json + model.safetensors + tokenizer atomically (temp dir, then rename)."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        meta = {"vlmkit_version": __version__, "model": to_dict(self.portable_config())}
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        save_model(self, str(tmp / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> VisionLanguageModel:
+        """Load a directory written by `save_pretrained` (no network, no pretrained sources needed)."""
+        model_dir = Path(model_dir)
+        if not (model_dir / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{model_dir} has no {CONFIG_NAME}: not a vlmkit model directory")
+        meta = json.loads((model_dir / CONFIG_NAME).read_text())
+        cfg = from_dict(ModelConfig, meta["model"])
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = cls.from_config(cfg, tokenizer=tokenizer)
+        missing, unexpected = load_model(model, str(model_dir / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not match the config: missing={missing[:5]} unexpected={unexpected[:5]}")
+        return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def check_image_tokens(
+    placeholders_per_row: list[int],
+    image_counts: Sequence[int] | None,
+    num_images: int,
+    tokens_per_image: int,
+    sample_ids: Sequence[str] | None,
+) -> None:
+    """Raise `ImageTokenMismatchError` naming the sample whose placeholders and images disagree."""
+    if image_counts is not None:
+        if len(image_counts) != len(placeholders_per_row):
+            raise ImageTokenMismatchError(
+                f"image_counts has {len(image_counts)} entries for a batch of {len(placeholders_per_row)}")
+        if sum(image_counts) != num_images:
+            raise ImageTokenMismatchError(f"image_counts sum to {sum(image_counts)} but {num_images} images given")
+        for row, (have, n_img) in enumerate(zip(placeholders_per_row, image_counts)):
+            if have != n_img * tokens_per_image:
+                name = f"sample '{sample_ids[row]}'" if sample_ids else "sample"
+                raise ImageTokenMismatchError(
+                    f"{name} (batch row {row}) has {have} image placeholder tokens but its {n_img} image(s) "
+                    f"yield {n_img * tokens_per_image} visual tokens ({tokens_per_image} per image)"
+                )
+    total = sum(placeholders_per_row)
+    if total != num_images * tokens_per_image:
+        rows = [i for i, n in enumerate(placeholders_per_row) if n % max(tokens_per_image, 1)]
+        which = f"; rows with a partial run: {rows}" if rows else ""
+        names = f" (samples {[sample_ids[i] for i in rows]})" if sample_ids and rows else ""
+        raise ImageTokenMismatchError(
+            f"the batch has {total} image placeholder tokens but {num_images} image(s) yield "
+            f"{num_images * tokens_per_image} visual tokens ({tokens_per_image} per image){which}{names}"
+        )
+
+
+def media_by_row(visual: torch.Tensor, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group per-image tokens by row for cross-attention.
+
+    visual [I, M, D] (images in text order), is_image [B, T] (one marker per image) ->
+    media [B, max_I, M, D] and media_index [B, T]: index of the latest image at or before each token (-1: none).
+    """
+    counts = is_image.sum(dim=1)  # [B]
+    b, max_i = is_image.shape[0], int(counts.max().item()) if len(counts) else 0
+    media = visual.new_zeros(b, max(max_i, 1), *visual.shape[1:])
+    start = 0
+    for row, n in enumerate(counts.tolist()):
+        media[row, :n] = visual[start : start + n]
+        start += n
+    media_index = is_image.long().cumsum(dim=1) - 1  # [B, T]
+    return media, media_index
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are aligned with inputs and shifted here (the one place)."""
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = labels[:, 1:]  # [B, T-1]
+    return nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
+    """Cut `text` at the first occurrence of any stop string."""
+    cut = len(text)
+    for stop in stop_strings or ():
+        at = text.find(stop)
+        if at >= 0:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temp dir into place; an existing `out` is swapped out, then removed."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _portable_vision(cfg: Any, tower: VisionTower) -> None:
+    """Replace hub ids / local paths of HF towers by their full configs (recursively for fused towers)."""
+    hf = tower.hf_config_dict()
+    if hf is not None:
+        cfg.path, cfg.hf_config = None, hf
+    for sub_cfg, sub_tower in zip(cfg.towers, getattr(tower, "towers", [])):
+        _portable_vision(sub_cfg, sub_tower)

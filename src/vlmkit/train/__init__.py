@@ -1,0 +1,1 @@
+"""Training: stages, the loop, checkpoints, distributed strategies, feature cache."""

@@ -37,6 +37,10 @@ class VisionConfig:
 
     kind: `vit` (own small ViT), `hf` (any transformers vision encoder), `fused` (channel concat of `towers`).
     For `hf`: `path` is a hub id or local dir; or `hf_config` (a dict with `model_type`) builds random weights.
+    An `hf` tower takes `image_size` (and mean/std, where known) from the HF config / checkpoint, overriding
+    `image_size` / `image_mean` / `image_std` here. `select_layer` indexes `output_hidden_states` (-2: second to
+    last). For `fused`: the sub-towers' patch grids must match; `image_mean` / `image_std` here are the fused
+    transform's normalization, which `forward` swaps for each sub-tower's own.
     """
 
     kind: str = "vit"
@@ -104,6 +108,58 @@ class ModelConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class SynthConfig:
+    """ShapesWorld generation (used when a recipe has no data files of its own)."""
+
+    n_train: int = 200
+    n_val: int = 50
+    n_test: int = 50
+    seed: int = 0
+    image_size: int = 64
+    max_objects: int = 3
+    noise: bool = False
+    tasks: list[str] = field(default_factory=list)  # empty: all task types
+    grounding_format: str = "qwen"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become tokens.
+
+    Files are LLaVA JSON/JSONL, caption JSONL, OpenAI-style `messages` or Qwen-VL text (`format: auto` detects).
+    """
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    format: str = "auto"
+    image_root: str | None = None
+    synthetic: SynthConfig | None = None
+    template: str = "auto"  # the tokenizer's own chat template, else chatml | vicuna_v1 | plain
+    system_prompt: str | None = None
+    max_length: int = 512
+    resize: str = "resize"  # resize | pad | crop | anyres
+    anyres_grid: list[list[int]] = field(default_factory=list)
+    max_image_pixels: int = 64_000_000
+    max_image_bytes: int = 32 * 2**20
+    caption_instructions: list[str] = field(
+        default_factory=lambda: ["Describe the image concisely.", "Write a short caption for the image."]
+    )
+    packing: bool = False
+    group_by_length: bool = False
+    max_bad: float = 0.05
+
+
+@dataclass
+class RecipeConfig:
+    """A complete recipe: the model and its data (training stages are added by the training engine)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # ------------------------------------------------------------------------------------------- generic io

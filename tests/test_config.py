@@ -1,0 +1,46 @@
+"""Config loading: strict keys, nested dataclasses, dotted overrides, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmkit.config import ConfigError, ModelConfig, load_config, save_yaml
+from vlmkit.registry import Registry
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("bridge:\n  knd: mlp\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(ModelConfig, path)
+    msg = str(err.value)
+    assert "bridge.knd" in msg and "kind" in msg and "num_queries" in msg
+
+
+def test_overrides_and_types(tmp_path):
+    cfg = load_config(ModelConfig, None, ["bridge.depth=3", "vision.vit.dim=96", "fusion.mode=xattn"])
+    assert cfg.bridge.depth == 3 and isinstance(cfg.bridge.depth, int)
+    assert cfg.vision.vit.dim == 96 and cfg.fusion.mode == "xattn"
+    with pytest.raises(ConfigError, match="bridge.depth"):
+        load_config(ModelConfig, None, ["bridge.depth=deep"])
+    with pytest.raises(ConfigError, match="vision.vit.nope"):
+        load_config(ModelConfig, None, ["vision.vit.nope=1"])
+
+
+def test_nested_list_of_towers_and_yaml_round_trip(tmp_path):
+    cfg = load_config(
+        ModelConfig, None, ["vision.kind=fused", "vision.towers=[{kind: vit, image_size: 32}, {kind: vit}]"]
+    )
+    assert cfg.vision.towers[0].image_size == 32 and cfg.vision.towers[1].vit.dim == 128
+    save_yaml(cfg, tmp_path / "out.yaml")
+    assert load_config(ModelConfig, tmp_path / "out.yaml") == cfg
+
+
+def test_registry_lists_known_ids():
+    reg: Registry = Registry("widget")
+    reg.register("a")(int)
+    reg.register("b")(str)
+    with pytest.raises(KeyError, match="known widgets: a, b"):
+        reg.get("c")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(float)

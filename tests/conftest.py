@@ -9,6 +9,28 @@ from PIL import Image
 
 from vlmkit.config import BridgeConfig, FusionConfig, LLMConfig, ModelConfig, VisionConfig, ViTConfig
 
+_HF = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+TINY_TOWERS = {
+    "vit": VisionConfig(kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8)),
+    "clip": VisionConfig(kind="hf", hf_config={"model_type": "clip_vision_model", **_HF}),
+    "siglip": VisionConfig(kind="hf", hf_config={"model_type": "siglip_vision_model", **_HF}),
+    "dinov2": VisionConfig(kind="hf", hf_config={"model_type": "dinov2", **_HF}),
+    "dinov2+siglip": VisionConfig(
+        kind="fused",
+        towers=[
+            VisionConfig(kind="hf", hf_config={"model_type": "dinov2", **_HF}),
+            VisionConfig(kind="hf", hf_config={"model_type": "siglip_vision_model", **_HF}),
+        ],
+    ),
+}
+
 
 def tiny_model_config(**parts) -> ModelConfig:
     """A tiny VLM config: 32-px ViT (4x4 patches), MLP bridge, tiny Llama with a trained BPE tokenizer."""

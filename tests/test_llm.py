@@ -44,7 +44,9 @@ def test_default_smollm2_from_installed_package(smollm2_vlm):
     llm = smollm2_vlm.llm
     assert llm.hidden_size == 576 and len(llm.layers) == 30
     prompt = llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     answer = smollm2_vlm.generate_text([prompt], max_new_tokens=12)[0]
     assert "Paris" in answer

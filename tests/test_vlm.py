@@ -6,16 +6,19 @@ import json
 
 import pytest
 import torch
-from conftest import random_image, tiny_model_config
 
 from vlmkit.models.vlm import IGNORE_INDEX, ImageTokenMismatchError, VisionLanguageModel
+
+from conftest import random_image, tiny_model_config
 
 
 def _batch(model, n_images=(2, 0, 1)):
     prompts, images = [], []
     for row, n in enumerate(n_images):
         imgs = [random_image(10 * row + i) for i in range(n)]
-        prompts.append("".join(f"Picture {i + 1}: <image>\n" for i in range(n)) + f"Question {row}: what is it?")
+        prompts.append(
+            "".join(f"Picture {i + 1}: <image>\n" for i in range(n)) + f"Question {row}: what is it?"
+        )
         images.append(imgs)
     return model.prepare_prompts(prompts, images)
 
@@ -53,7 +56,9 @@ def test_mismatch_error_names_the_sample(tiny_vlm):
     first = (ids[1] == tiny_vlm.image_token_id).nonzero()[0, 0]
     ids[1, first] = tiny_vlm.tokenizer.pad_token_id  # one placeholder too few in row 1
     batch["input_ids"] = ids
-    with pytest.raises(ImageTokenMismatchError, match=r"sample 'cat-42' \(batch row 1\) has 15 image placeholder"):
+    with pytest.raises(
+        ImageTokenMismatchError, match=r"sample 'cat-42' \(batch row 1\) has 15 image placeholder"
+    ):
         tiny_vlm(**batch, sample_ids=["ok-1", "cat-42"])
     batch.pop("image_counts")
     with pytest.raises(ImageTokenMismatchError, match="31 image placeholder tokens but 2 image"):
@@ -90,12 +95,23 @@ def test_cached_and_uncached_generation_identical(tiny_vlm):
     assert cached.shape == (3, 12)
     assert torch.equal(cached, uncached)
     sampled = [
-        tiny_vlm.generate(**batch, max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50, top_p=0.9,
-                          seed=7, eos_token_ids=[-1], use_cache=c)
+        tiny_vlm.generate(
+            **batch,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=1.5,
+            top_k=50,
+            top_p=0.9,
+            seed=7,
+            eos_token_ids=[-1],
+            use_cache=c,
+        )
         for c in (True, False, True)
     ]
     assert torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[0], sampled[2])
-    other = tiny_vlm.generate(**batch, max_new_tokens=8, do_sample=True, temperature=1.5, seed=8, eos_token_ids=[-1])
+    other = tiny_vlm.generate(
+        **batch, max_new_tokens=8, do_sample=True, temperature=1.5, seed=8, eos_token_ids=[-1]
+    )
     assert not torch.equal(sampled[0], other)
 
 
@@ -117,8 +133,13 @@ def test_eos_and_stop_strings_end_rows(tiny_vlm):
     assert stopped.shape[0] == first + 1 and torch.equal(stopped, free[: first + 1])
     text = tiny_vlm.tokenizer.decode(free[:6], skip_special_tokens=False)
     stop = text[-2:]
-    texts = tiny_vlm.generate_text(["<image> Question 0: what is it?"], [[random_image(0)]],
-                                   max_new_tokens=10, eos_token_ids=[-1], stop_strings=[stop])
+    texts = tiny_vlm.generate_text(
+        ["<image> Question 0: what is it?"],
+        [[random_image(0)]],
+        max_new_tokens=10,
+        eos_token_ids=[-1],
+        stop_strings=[stop],
+    )
     assert stop not in texts[0] and len(tiny_vlm.tokenizer(texts[0])["input_ids"]) < 10
 
 

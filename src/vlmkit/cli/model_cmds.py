@@ -1,9 +1,88 @@
-"""Model subcommands: `vlmkit demo`, `export-hf`, `import-hf`, `info`."""
+"""Model subcommands: `vlmkit demo`, `info`, `export-hf`, `import-hf`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vlmkit.models.hf_export import ExportError, export_hf
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    model = VisionLanguageModel.from_pretrained(args.model_dir)
+    try:
+        out = export_hf(model, args.out_dir)
+    except ExportError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {out} (transformers LlavaForConditionalGeneration + processor; vLLM: vllm serve {out})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from vlmkit.models.hf_export import ExportError, import_hf
+
+    try:
+        model = import_hf(args.hf_dir)
+    except ExportError as err:
+        raise SystemExit(f"error: {err}") from None
+    out = model.save_pretrained(args.out_dir)
+    print(f"wrote {out} (vlmkit model)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from vlmkit.config import ModelConfig, RecipeConfig, load_config
+    from vlmkit.models.summary import parts_table
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    path = Path(args.target)
+    if path.is_dir():
+        model = VisionLanguageModel.from_pretrained(path)
+    else:
+        recipe = load_config(RecipeConfig, path, args.set)
+        model = VisionLanguageModel.from_config(
+            recipe.model if isinstance(recipe, RecipeConfig) else ModelConfig()
+        )
+    console = Console()
+    console.print(parts_table(model, title=str(path)))
+    console.print(
+        f"visual tokens per image: {model.tokens_per_image()}  "
+        f"(tower {model.vision.num_patches()} patches -> bridge {type(model.bridge).__name__})"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vlmkit.demo import run_demo
+
+    run_demo(args.out, config=args.config, overrides=args.set, steps=args.steps)
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    pass
+    p = subparsers.add_parser("export-hf", help="export a vlmkit model to transformers Llava (and vLLM)")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("import-hf", help="import a transformers Llava checkpoint directory")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_import)
+
+    p = subparsers.add_parser(
+        "info", help="build a model from a recipe (or load a model dir) and show its parts"
+    )
+    p.add_argument("target", help="recipe YAML or saved model directory")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=_info)
+
+    p = subparsers.add_parser("demo", help="end-to-end demo on the embedded default model")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--config", default=None, help="recipe YAML (default: the embedded default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=30, help="alignment steps")
+    p.set_defaults(func=_demo)

@@ -23,7 +23,9 @@ class GenerationConfig:
     use_cache: bool = True
 
 
-def select_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def select_next(
+    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (argmax, or a sample after temperature / top-k / top-p)."""
     if not cfg.do_sample or cfg.temperature <= 0:
         return logits.argmax(dim=-1)
@@ -69,8 +71,9 @@ def decode_loop(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):
-        out = step(cur_embeds, attention_mask, cur_pos, cache,
-                   (media[0], cur_media) if media is not None else None)
+        out = step(
+            cur_embeds, attention_mask, cur_pos, cache, (media[0], cur_media) if media is not None else None
+        )
         next_tok = select_next(out.logits[:, -1].float(), cfg, generator)
         next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)  # [B]
         tokens.append(next_tok)
@@ -99,7 +102,9 @@ def decode_loop(
     return torch.stack(tokens, dim=1)
 
 
-def _hit_stop(tokens: torch.Tensor, finished: torch.Tensor, tokenizer: Any, stops: Sequence[str]) -> torch.Tensor:
+def _hit_stop(
+    tokens: torch.Tensor, finished: torch.Tensor, tokenizer: Any, stops: Sequence[str]
+) -> torch.Tensor:
     """Rows (not yet finished) whose decoded text contains a stop string. tokens [B, L] -> [B] bool."""
     hit = torch.zeros_like(finished)
     for row in range(tokens.shape[0]):

@@ -158,7 +158,9 @@ class LanguageModel(nn.Module):
 
     @property
     def block_cls(self) -> tuple[type[nn.Module], ...]:
-        return (type(self.layers[0]),)
+        """The decoder block class (the wrapped class where fusion layers wrap the blocks)."""
+        layer = self.layers[0]
+        return (type(getattr(layer, "layer", layer)),)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -166,7 +168,11 @@ class LanguageModel(nn.Module):
         ids = {self.tokenizer.eos_token_id}
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in self.tokenizer.get_vocab() else None
+        im_end = (
+            self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if "<|im_end|>" in self.tokenizer.get_vocab()
+            else None
+        )
         ids.add(im_end)
         return sorted(i for i in ids if i is not None)
 

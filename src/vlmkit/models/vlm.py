@@ -134,8 +134,13 @@ class VisionLanguageModel(nn.Module):
         """Prefix fusion: fill placeholders with visual tokens; xattn: hand images to the fusion layers."""
         is_image = input_ids == self.image_token_id  # [B, T]
         per_image = self.tokens_per_image()
-        check_image_tokens(is_image.sum(dim=1).tolist(), image_counts, 0 if visual is None else len(visual),
-                           per_image, sample_ids)
+        check_image_tokens(
+            is_image.sum(dim=1).tolist(),
+            image_counts,
+            0 if visual is None else len(visual),
+            per_image,
+            sample_ids,
+        )
         if visual is None:
             if self.fusion is not None:
                 self.fusion.set_media(None, None)
@@ -179,8 +184,14 @@ class VisionLanguageModel(nn.Module):
             if self.fusion is not None:
                 self.fusion.clear()
 
-    def _step(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-              past_key_values: Any, media: Any) -> Any:
+    def _step(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: Any,
+        media: Any,
+    ) -> Any:
         """One LLM call for `decode_loop`: embeds [B, t, D] -> logits [B, t, V] (+ cache)."""
         if self.fusion is not None:
             self.fusion.set_media(*media) if media is not None else self.fusion.set_media(None, None)
@@ -192,8 +203,9 @@ class VisionLanguageModel(nn.Module):
             use_cache=past_key_values is not None,
         )
 
-    def generate_text(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None,
-                      **overrides: Any) -> list[str]:
+    def generate_text(
+        self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None, **overrides: Any
+    ) -> list[str]:
         """Convenience: prompts with `<image>` markers (already chat-formatted) + PIL images -> texts."""
         batch = self.prepare_prompts(prompts, images)
         config = dataclasses.replace(GenerationConfig(), **overrides)
@@ -201,8 +213,9 @@ class VisionLanguageModel(nn.Module):
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [truncate_at_stop(t, config.stop_strings) for t in texts]
 
-    def prepare_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None
-                        ) -> dict[str, Any]:
+    def prepare_prompts(
+        self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None
+    ) -> dict[str, Any]:
         """Expand each `<image>` marker to its placeholder run, tokenize with left padding, transform images."""
         images = images or [[] for _ in prompts]
         marker = self.llm.image_token
@@ -222,8 +235,12 @@ class VisionLanguageModel(nn.Module):
         finally:
             tok.padding_side = side
         pixel_values = torch.stack(pixels) if pixels else None
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "pixel_values": pixel_values, "image_counts": counts}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": pixel_values,
+            "image_counts": counts,
+        }
 
     # -------------------------------------------------------------------------------------- save/load
     def portable_config(self) -> ModelConfig:
@@ -260,7 +277,9 @@ class VisionLanguageModel(nn.Module):
         model = cls.from_config(cfg, tokenizer=tokenizer)
         missing, unexpected = load_model(model, str(model_dir / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
-            raise RuntimeError(f"weights do not match the config: missing={missing[:5]} unexpected={unexpected[:5]}")
+            raise RuntimeError(
+                f"weights do not match the config: missing={missing[:5]} unexpected={unexpected[:5]}"
+            )
         return model.eval()
 
 
@@ -276,9 +295,12 @@ def check_image_tokens(
     if image_counts is not None:
         if len(image_counts) != len(placeholders_per_row):
             raise ImageTokenMismatchError(
-                f"image_counts has {len(image_counts)} entries for a batch of {len(placeholders_per_row)}")
+                f"image_counts has {len(image_counts)} entries for a batch of {len(placeholders_per_row)}"
+            )
         if sum(image_counts) != num_images:
-            raise ImageTokenMismatchError(f"image_counts sum to {sum(image_counts)} but {num_images} images given")
+            raise ImageTokenMismatchError(
+                f"image_counts sum to {sum(image_counts)} but {num_images} images given"
+            )
         for row, (have, n_img) in enumerate(zip(placeholders_per_row, image_counts)):
             if have != n_img * tokens_per_image:
                 name = f"sample '{sample_ids[row]}'" if sample_ids else "sample"

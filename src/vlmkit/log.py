@@ -29,9 +29,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.setLevel(level)
         return
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        # logs go to stderr so that stdout carries only results (e.g. `--json` output)
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     except ImportError:  # pragma: no cover - rich is a dependency
         handler = logging.StreamHandler()

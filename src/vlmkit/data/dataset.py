@@ -1,0 +1,459 @@
+"""VLMDataset: samples validated up front (images opened, placeholders counted), bad ones skipped and reported."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from vlmkit.config import DataConfig
+from vlmkit.data.formats import (
+    DEFAULT_CAPTION_INSTRUCTIONS,
+    IMAGE_MARKER,
+    Sample,
+    SampleError,
+    parse_record,
+    read_records,
+)
+from vlmkit.data.images import (
+    ImageError,
+    anyres_num_tiles,
+    anyres_tiles,
+    image_mean_color,
+    load_image,
+    resize_image,
+    to_tensor,
+)
+from vlmkit.data.prompts import EncodedSample, TokensPerImage, encode_sample
+from vlmkit.log import get_logger
+
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VisionLanguageModel
+
+log = get_logger(__name__)
+
+RESIZE_MODES = ("resize", "pad", "crop", "anyres")
+MALFORMED_JSON = "malformed_json"  # a JSONL line that is not valid JSON
+REMOTE_IMAGE = "remote_image"  # an http(s) image ref: never downloaded
+_WORDS = re.compile(r"\w+|[^\w\s]+")
+
+
+# ------------------------------------------------------------------------------------------------ report
+class DataQualityError(ValueError):
+    """Too large a share of a data file was rejected (see `DataReport.check`)."""
+
+
+@dataclass
+class DataReport:
+    """What a data pass kept and why it skipped the rest (`total == ok + sum(rejected.values())`)."""
+
+    source: str = ""
+    total: int = 0
+    ok: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> id of the first sample skipped for it
+    messages: dict[str, str] = field(default_factory=dict)  # reason -> that sample's error message
+
+    def accept(self) -> None:
+        self.total += 1
+        self.ok += 1
+
+    def reject(self, reason: str, sample_id: str, message: str = "") -> None:
+        """Count a skipped sample; the first sample of each reason is logged (once per reason)."""
+        self.total += 1
+        self.rejected[reason] += 1
+        if reason not in self.examples:
+            self.examples[reason] = sample_id
+            self.messages[reason] = message
+            where = f"{self.source}: " if self.source else ""
+            text = message if message.startswith(reason) else f"{reason}: {message}" if message else reason
+            log.warning(
+                "%sskipping sample '%s': %s [later '%s' samples are counted, not logged]",
+                where,
+                sample_id,
+                text,
+                reason,
+            )
+
+    def check(self, max_bad: float) -> None:
+        """Raise `DataQualityError` when more than `max_bad` of the samples were rejected."""
+        if self.bad_fraction > max_bad:
+            raise DataQualityError(
+                f"{self.source or 'data'}: {self.bad_fraction:.1%} of samples rejected (max_bad {max_bad:.1%}); "
+                f"{self.summary()}; examples: {self.examples}"
+            )
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_rejected / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"total": N, "ok": N, "rejected": {reason: count}} (reasons by count, then name)."""
+        rejected = dict(sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0])))
+        return {"total": self.total, "ok": self.ok, "rejected": rejected}
+
+    def table(self) -> Any:
+        """A rich `Table` of the skip reasons: count, share of all samples, an example sample id."""
+        from rich.table import Table
+
+        table = Table(title=f"{self.source or 'data'}: {self.ok}/{self.total} samples ok")
+        for name, justify in (
+            ("reason", "left"),
+            ("count", "right"),
+            ("share", "right"),
+            ("example id", "left"),
+        ):
+            table.add_column(name, justify=justify)
+        for reason, count in self.to_dict()["rejected"].items():
+            table.add_row(reason, str(count), f"{count / self.total:.1%}", self.examples.get(reason, ""))
+        return table
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{r}={n}" for r, n in self.to_dict()["rejected"].items())
+        return f"{self.ok}/{self.total} samples ok" + (f"; skipped {parts}" if parts else "")
+
+
+# ------------------------------------------------------------------------------------------------ images
+@dataclass
+class ImageSettings:
+    """How image refs become pixel tensors [tiles, 3, S, S], and the limits checked before decoding.
+
+    `resize`: resize | pad | crop (one square view) or anyres (global view + grid tiles from `anyres_grid`,
+    (width, height) pairs that are multiples of `image_size`; default 2x1, 1x2 and 2x2 tiles).
+    `transform` (e.g. `model.transform`) turns each square PIL view into [3, S, S]; without it pixels are
+    normalised with `mean`/`std`. Relative refs are resolved against `image_root`.
+    """
+
+    image_root: str | Path | None = None
+    image_size: int = 64
+    mean: Sequence[float] = (0.5, 0.5, 0.5)
+    std: Sequence[float] = (0.5, 0.5, 0.5)
+    resize: str = "resize"
+    anyres_grid: Sequence[Sequence[int]] = ()
+    max_pixels: int = 64_000_000
+    max_bytes: int = 32 * 2**20
+    transform: Callable[[Image.Image], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode '{self.resize}'; known: {', '.join(RESIZE_MODES)}")
+
+    @property
+    def grid(self) -> list[tuple[int, int]]:
+        s = self.image_size
+        return [(int(w), int(h)) for w, h in self.anyres_grid] or [(2 * s, s), (s, 2 * s), (2 * s, 2 * s)]
+
+    def source(self, ref: str) -> str | Path | bytes:
+        """A path (relative refs joined to `image_root`) or the bytes of a `data:` URL."""
+        if ref.startswith("data:"):
+            _, sep, payload = ref.partition(",")
+            if not sep:
+                raise ImageError("corrupt", "data URL without ','", source=ref[:40])
+            try:
+                return base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ImageError("corrupt", f"bad base64 in data URL: {exc}", source=ref[:40]) from exc
+        if ref.startswith(("http://", "https://")):
+            raise SampleError(REMOTE_IMAGE, f"remote image {ref} is not downloaded; fetch it first")
+        path = Path(ref)
+        return path if path.is_absolute() or self.image_root is None else Path(self.image_root) / path
+
+    def open(self, ref: str) -> Image.Image:
+        """The decoded RGB image (raises `ImageError` with a reason, or `SampleError` for remote refs)."""
+        return load_image(self.source(ref), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+
+    def num_tiles(self, img: Image.Image) -> int:
+        if self.resize == "anyres":
+            return anyres_num_tiles(img.size, self.grid, self.image_size)
+        return 1
+
+    def _to_tensor(self, view: Image.Image) -> torch.Tensor:
+        return self.transform(view) if self.transform is not None else to_tensor(view, self.mean, self.std)
+
+    def tensors(self, img: Image.Image) -> torch.Tensor:
+        """One decoded image -> pixel tensors [tiles, 3, S, S]."""
+        if self.resize == "anyres":
+            views, _ = anyres_tiles(img, self.grid, self.image_size)
+        else:
+            view, _ = resize_image(img, self.image_size, self.resize, fill=image_mean_color(self.mean))
+            views = [view]
+        return torch.stack([self._to_tensor(v) for v in views])  # [tiles, 3, S, S]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_samples(
+    path: str | Path,
+    fmt: str = "auto",
+    *,
+    report: DataReport | None = None,
+    caption_instructions: Sequence[str] = DEFAULT_CAPTION_INSTRUCTIONS,
+    seed: int = 0,
+) -> list[Sample]:
+    """Parse every record of a JSON/JSONL file; bad records are counted in `report` (never raised).
+
+    Reasons: malformed_json (a JSONL line that is not JSON), bad_schema, no_assistant_turn, image_count_mismatch.
+    """
+    report = report if report is not None else DataReport(source=str(path))
+    samples: list[Sample] = []
+    for index, item in read_records(path):
+        try:
+            if isinstance(item, SampleError):
+                raise item
+            if isinstance(item, Exception):
+                raise SampleError(MALFORMED_JSON, f"not valid JSON ({item})", sample_id=f"line {index + 1}")
+            samples.append(
+                parse_record(item, fmt, index=index, caption_instructions=caption_instructions, seed=seed)
+            )
+        except SampleError as err:
+            report.reject(err.reason, err.sample_id if err.sample_id is not None else str(index), str(err))
+    return samples
+
+
+def _check_images(sample: Sample, images: ImageSettings) -> list[int] | tuple[str, str]:
+    """Open every image of `sample` within the limits: the tile count of each, or (reason, message) for the
+    first bad one."""
+    try:
+        return [images.num_tiles(images.open(ref)) for ref in sample.images]
+    except (ImageError, SampleError) as err:
+        return err.reason, str(err)
+
+
+def _map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int) -> Iterable[Any]:
+    """`map`, in order; threads when `num_workers` > 0 (image decoding releases the GIL)."""
+    if num_workers <= 0 or len(items) < 2:
+        return map(fn, items)
+    pool = ThreadPoolExecutor(max_workers=num_workers)
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+class VLMDataset(torch.utils.data.Dataset):
+    """Encoded samples that passed validation; items are dicts ready for `Collator` / `PackingCollator`.
+
+    Validation runs at construction, before any training: every sample is encoded (placeholders expanded to
+    `tokens_per_image` each, labels from role spans, `max_length` enforced) and every image is opened within
+    the limits. Bad samples are skipped and counted in `report` by reason, each reason logged once with an
+    example sample id.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenizer: Any,
+        *,
+        images: ImageSettings | None = None,
+        tokens_per_image: TokensPerImage = 1,
+        image_token: str = IMAGE_MARKER,
+        template: str = "auto",
+        system_prompt: str | None = None,
+        max_length: int | None = 512,
+        report: DataReport | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.images = images or ImageSettings()
+        self.tokens_per_image = tokens_per_image
+        self.image_token = image_token
+        self.template = template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.report = report if report is not None else DataReport()
+        self.encoded: list[EncodedSample] = []
+        # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
+        checked = _map(partial(_check_images, images=self.images), samples, num_workers)
+        for sample, tiles in zip(samples, checked):
+            result = tiles if isinstance(tiles, tuple) else self._encode(sample, tiles)
+            if isinstance(result, EncodedSample):
+                self.encoded.append(result)
+                self.report.accept()
+            else:
+                self.report.reject(result[0], sample.id, result[1])
+        log.info("%s%s", f"{self.report.source}: " if self.report.source else "", self.report.summary())
+
+    def _encode(self, sample: Sample, tiles: list[int]) -> EncodedSample | tuple[str, str]:
+        """The encoded sample, or (reason, message) when it must be skipped."""
+        try:
+            return encode_sample(
+                sample,
+                self.tokenizer,
+                image_token=self.image_token,
+                tokens_per_image=self.tokens_per_image,
+                template=self.template,
+                system_prompt=self.system_prompt,
+                max_length=self.max_length,
+                num_tiles=tiles,
+            )
+        except SampleError as err:
+            return err.reason, str(err)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: DataConfig,
+        path: str | Path,
+        model: VisionLanguageModel,
+        *,
+        num_workers: int = 0,
+        enforce_max_bad: bool = True,
+    ) -> VLMDataset:
+        """Read `path` (any supported format) and encode it for `model`: its tokenizer, image token, visual
+        tokens per image and image transform; `cfg.resize` picks the square view or AnyRes tiles. Relative
+        image paths resolve against `cfg.image_root`, else the data file's directory.
+
+        Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
+        `enforce_max_bad` is False); the rejections are logged first, one line per reason.
+        """
+        report = DataReport(source=str(path))
+        samples = read_samples(path, cfg.format, report=report, caption_instructions=cfg.caption_instructions)
+        vision = model.vision
+        images = ImageSettings(
+            image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,
+            image_size=vision.image_size,
+            mean=getattr(vision, "image_mean", None) or model.cfg.vision.image_mean,
+            std=getattr(vision, "image_std", None) or model.cfg.vision.image_std,
+            resize=cfg.resize,
+            anyres_grid=cfg.anyres_grid,
+            max_pixels=cfg.max_image_pixels,
+            max_bytes=cfg.max_image_bytes,
+            transform=model.transform,
+        )
+        dataset = cls(
+            samples,
+            model.tokenizer,
+            images=images,
+            tokens_per_image=model.tokens_per_image,
+            image_token=model.llm.image_token,
+            template=cfg.template,
+            system_prompt=cfg.system_prompt,
+            max_length=cfg.max_length,
+            report=report,
+            num_workers=num_workers,
+        )
+        if enforce_max_bad:
+            report.check(cfg.max_bad)
+        return dataset
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every item (for `LengthGroupedSampler` and packing)."""
+        return [len(e.input_ids) for e in self.encoded]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        enc = self.encoded[index]
+        try:  # one [tiles, 3, S, S] tensor per image
+            pixels = [self.images.tensors(self.images.open(ref)) for ref in enc.images]
+        except (ImageError, SampleError) as err:  # validated at construction: the file changed since
+            raise RuntimeError(f"sample '{enc.id}': an image changed after validation: {err}") from err
+        for ref, p, tiles in zip(enc.images, pixels, enc.num_tiles):
+            if p.shape[0] != tiles:
+                raise RuntimeError(
+                    f"sample '{enc.id}': image {ref} gave {p.shape[0]} tiles, {tiles} at validation"
+                )
+        return {
+            "id": enc.id,
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),  # [T]
+            "labels": torch.tensor(enc.labels, dtype=torch.long),  # [T]
+            "pixel_values": torch.cat(pixels) if pixels else None,  # [sum tiles, 3, S, S] | None
+            "image_count": len(enc.images),
+            "num_tiles": list(enc.num_tiles),
+            "length": len(enc.input_ids),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ checking
+def estimate_tokens(text: str) -> int:
+    """Tokenizer-free length estimate: words and punctuation runs (roughly a lower bound for BPE tokenizers)."""
+    return len(_WORDS.findall(text))
+
+
+def _first_round_estimate(sample: Sample, tokens_per_image: int) -> int:
+    """Estimated tokens of the first (user..., assistant...) round: the part `encode_sample` never drops."""
+    n, seen_assistant = 0, False
+    for m in sample.messages:
+        if m.role == "user" and seen_assistant:
+            break
+        seen_assistant |= m.role == "assistant"
+        n += estimate_tokens(m.text) + m.num_images * tokens_per_image
+    return n
+
+
+def check_data(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    fmt: str = "auto",
+    max_length: int | None = None,
+    tokens_per_image: int = 0,
+    max_pixels: int | None = None,
+    max_bytes: int | None = None,
+    model: VisionLanguageModel | None = None,
+    data_cfg: DataConfig | None = None,
+    num_workers: int = 0,
+) -> DataReport:
+    """Validate a data file and return its `DataReport`; never raises on bad records.
+
+    Without `model` no tokenizer is needed: records are parsed, image markers counted against images, every
+    image opened within the limits, and (when `max_length` is given) the first round's length estimated with
+    `estimate_tokens` + `tokens_per_image` per image. With `model`, the exact training path is run
+    (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given here override it.
+    Image limits default to `data_cfg`'s; relative image paths resolve against `image_root`, else the file's dir.
+    """
+    cfg = dataclasses.replace(data_cfg) if data_cfg is not None else DataConfig()
+    cfg.format = fmt
+    if image_root is not None:
+        cfg.image_root = str(image_root)
+    if max_pixels is not None:
+        cfg.max_image_pixels = max_pixels
+    if max_bytes is not None:
+        cfg.max_image_bytes = max_bytes
+    if model is not None:
+        if max_length is not None:
+            cfg.max_length = max_length
+        return VLMDataset.from_config(cfg, path, model, num_workers=num_workers, enforce_max_bad=False).report
+
+    report = DataReport(source=str(path))
+    samples = read_samples(path, fmt, report=report)
+    images = ImageSettings(
+        image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,
+        max_pixels=cfg.max_image_pixels,
+        max_bytes=cfg.max_image_bytes,
+    )
+
+    def check(sample: Sample) -> tuple[str, str] | None:
+        bad = _check_images(sample, images)
+        if isinstance(bad, tuple):
+            return bad
+        if max_length is not None:
+            n = _first_round_estimate(sample, tokens_per_image)
+            if n > max_length:
+                return "too_long", f"~{n} tokens (estimated) > max_length={max_length}"
+        return None
+
+    for sample, result in zip(samples, _map(check, samples, num_workers)):
+        if result is None:
+            report.accept()
+        else:
+            report.reject(result[0], sample.id, result[1])
+    log.info("%s: %s", report.source, report.summary())
+    return report

@@ -154,12 +154,78 @@ class DataConfig:
     max_bad: float = 0.05
 
 
+# -------------------------------------------------------------------------------------------- training
+@dataclass
+class LoRAConfig:
+    """LoRA through peft on the LLM's linear layers (merged into the weights when the stage ends)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    quantize: str = "none"  # none | 4bit (QLoRA: needs CUDA and bitsandbytes)
+
+
+@dataclass
+class StageConfig:
+    """One training stage, as data.
+
+    preset sets what trains: `align` (bridge; + tower when `train_tower`), `instruct` (bridge + LLM, or LoRA on the
+    LLM when `lora` is set), `full` (everything), `custom` (exactly `trainable`). `trainable` / `frozen` take module
+    prefixes (`vision`, `bridge`, `llm`, `fusion`, or deeper like `vision.blocks.2`) and refine the preset.
+    """
+
+    name: str = "align"
+    preset: str = "align"
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    train_tower: bool = False
+    lora: LoRAConfig | None = None
+    lr: float = 1e-3
+    module_lr: dict[str, float] = field(default_factory=dict)  # prefix -> learning rate
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    max_steps: int = 0  # optimizer steps; 0: run `epochs`
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    tasks: list[str] = field(default_factory=list)  # ShapesWorld task types for this stage (empty: all)
+    train_file: str | None = None  # overrides data.train for this stage
+    val_file: str | None = None
+    init_from: str | None = None  # a previous run directory or model directory to start from
+
+
+@dataclass
+class TrainConfig:
+    """Run-wide training settings."""
+
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 where the hardware supports it) | bf16 | fp32
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only
+    keep_last: int = 2
+    eval_every: int = 0  # optimizer steps between validation passes; 0: at stage ends
+    val_batches: int = 0  # 0: the whole validation split
+    tensorboard: bool = False
+    strategy: str = "auto"  # auto | single | ddp | fsdp
+    feature_cache: bool = True  # precompute a frozen tower's features once
+    num_workers: int = 0
+    plot: bool = True
+
+
 @dataclass
 class RecipeConfig:
-    """A complete recipe: the model and its data (training stages are added by the training engine)."""
+    """A complete recipe: the model, its data, the training stages and run-wide training settings."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ------------------------------------------------------------------------------------------- generic io
@@ -239,18 +305,35 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place; returns it."""
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place; returns it.
+
+    A numeric part indexes a list (`stages.1.lr=1e-4`).
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[:i])
+                    raise ConfigError(
+                        f"override '{key}': '{where}' has {len(node)} entries; '{part}' is not one"
+                    )
+                if last:
+                    node[int(part)] = yaml.safe_load(raw)
+                else:
+                    node = node[int(part)]
+                continue
+            if last:
+                node[part] = yaml.safe_load(raw)
+            else:
+                if not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
     return data
 
 

@@ -13,6 +13,7 @@ from vlmkit.log import setup_logging
 COMMAND_MODULES = [
     "vlmkit.cli.model_cmds",
     "vlmkit.cli.data_cmds",
+    "vlmkit.cli.train_cmds",
 ]
 
 

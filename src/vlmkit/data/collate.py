@@ -23,6 +23,7 @@ MODEL_INPUT_KEYS = (
     "position_ids",
     "image_counts",
     "sample_ids",
+    "vision_features",
 )
 
 

@@ -313,16 +313,20 @@ class VLMDataset(torch.utils.data.Dataset):
         *,
         num_workers: int = 0,
         enforce_max_bad: bool = True,
+        tasks: Sequence[str] | None = None,
     ) -> VLMDataset:
         """Read `path` (any supported format) and encode it for `model`: its tokenizer, image token, visual
         tokens per image and image transform; `cfg.resize` picks the square view or AnyRes tiles. Relative
         image paths resolve against `cfg.image_root`, else the data file's directory.
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
-        `enforce_max_bad` is False); the rejections are logged first, one line per reason.
+        `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
+        records whose `task` field is listed.
         """
         report = DataReport(source=str(path))
         samples = read_samples(path, cfg.format, report=report, caption_instructions=cfg.caption_instructions)
+        if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
+            samples = [smp for smp in samples if smp.meta.get("task") in set(tasks)]
         vision = model.vision
         images = ImageSettings(
             image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,

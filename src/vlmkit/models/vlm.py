@@ -90,10 +90,17 @@ class VisionLanguageModel(nn.Module):
         return self.vision.transform(image)
 
     # -------------------------------------------------------------------------------------- forward
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [I, 3, S, S] -> visual tokens [I, M, D_llm]."""
-        features = self.vision(pixel_values)  # [I, N, Dv]
-        return self.bridge(features).to(self.llm.embeddings.weight.dtype)  # [I, M, Dl]
+    def encode_images(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixel_values [I, 3, S, S] (or precomputed tower output [I, N, Dv]) -> visual tokens [I, M, D_llm]."""
+        features = vision_features if vision_features is not None else self.vision(pixel_values)  # [I, N, Dv]
+        return self.bridge(features.to(self._bridge_dtype())).to(
+            self.llm.embeddings.weight.dtype
+        )  # [I, M, Dl]
+
+    def _bridge_dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
 
     def forward(
         self,
@@ -106,10 +113,16 @@ class VisionLanguageModel(nn.Module):
         sample_ids: Sequence[str] | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        vision_features: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order."""
+        """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order (or
+        `vision_features` [I, N, Dv], a frozen tower's cached output)."""
         embeds = self.llm.embed(input_ids)  # [B, T, D]
-        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
+        visual = None
+        if vision_features is not None and len(vision_features):
+            visual = self.encode_images(vision_features=vision_features)
+        elif pixel_values is not None and len(pixel_values):
+            visual = self.encode_images(pixel_values)
         embeds = self._merge(input_ids, embeds, visual, image_counts, sample_ids)
         out = self.llm(
             inputs_embeds=embeds,

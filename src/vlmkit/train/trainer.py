@@ -1,0 +1,374 @@
+"""The training loop: stages in order, accumulation, schedule, clipping, mixed precision, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmkit.config import RecipeConfig, StageConfig, save_yaml
+from vlmkit.log import get_logger
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from vlmkit.train.metrics import MetricsLog, plot_run
+from vlmkit.train.schedule import build_scheduler
+from vlmkit.train.stages import apply_stage, merge_lora
+
+log = get_logger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The run directory is not in a state the requested action can use."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stage_dir(out: Path, index: int, stage: StageConfig) -> Path:
+    return out / "stages" / f"{index}-{stage.name}"
+
+
+def resolve_init(path: str) -> Path:
+    """A run directory (its `model/`) or a model directory."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if (p / "config.json").is_file():
+        return p
+    raise RunDirError(f"init_from '{path}' is neither a run directory with model/ nor a model directory")
+
+
+@dataclass
+class Progress:
+    """Where training is: which stage, which optimizer step, where in the data."""
+
+    stage_index: int = 0
+    stage_step: int = 0
+    global_step: int = 0
+    epoch: int = 0
+    batch_pos: int = 0  # batches of the current epoch already consumed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs a recipe's stages into a run directory; `resume=True` continues from the latest checkpoint."""
+
+    def __init__(self, recipe: RecipeConfig, out_dir: str | Path, resume: bool = False, strategy: Any = None):
+        if not recipe.stages:
+            raise ValueError(
+                "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
+            )
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.resume = resume
+        from vlmkit.train.distributed import build_strategy
+
+        self.strategy = strategy or build_strategy(recipe.train.strategy)
+        self.ckpt_root = self.out / "checkpoints"
+        self.metrics: MetricsLog | None = None
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self) -> Path:
+        """Train every stage; returns the directory of the final model (`RUN_DIR/model`)."""
+        progress = self._start()
+        model = self._model_for_stage(progress.stage_index)
+        for index in range(progress.stage_index, len(self.recipe.stages)):
+            stage = self.recipe.stages[index]
+            if index > progress.stage_index:
+                progress = Progress(stage_index=index, global_step=progress.global_step)
+                if stage.init_from:
+                    model = self._model_for_stage(index)
+            model = self._run_stage(model, stage, index, progress)
+        final = self.out / "model"
+        if self.strategy.is_main:
+            model.save_pretrained(final)
+            if self.recipe.train.plot:
+                plot_run(self.out / "metrics.jsonl", self.out / "training.png")
+        self.strategy.barrier()
+        if self.metrics:
+            self.metrics.close()
+        log.info("final model: %s", final)
+        return final
+
+    def _start(self) -> Progress:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.ckpt_root)
+        done_stages = [
+            i for i, s in enumerate(self.recipe.stages) if (stage_dir(self.out, i, s) / "model").is_dir()
+        ]
+        if not self.resume and (ckpt is not None or done_stages):
+            raise RunDirError(
+                f"{self.out} already holds a training run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        if self.strategy.is_main:
+            save_yaml(self.recipe, self.out / "config.yaml")
+        tb = self.out / "tensorboard" if self.recipe.train.tensorboard and self.strategy.is_main else None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", tb) if self.strategy.is_main else None
+        self._resume_from = None
+        if not self.resume:
+            return Progress()
+        if ckpt is None:
+            if not done_stages:
+                log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.out)
+                return Progress()
+            nxt = done_stages[-1] + 1
+            log.info("--resume: stages up to %d complete; continuing with stage %d", done_stages[-1], nxt)
+            step = self._last_logged_step()
+            if self.metrics:
+                self.metrics.truncate_after(step)
+            return Progress(stage_index=nxt, global_step=step)
+        state = __import__("json").loads((ckpt / "trainer_state.json").read_text())
+        self._resume_from = ckpt
+        log.info(
+            "--resume: continuing from %s (stage %d, step %d)", ckpt, state["stage_index"], state["step"]
+        )
+        if self.metrics:
+            self.metrics.truncate_after(state["step"])
+        return Progress(
+            state["stage_index"], state["stage_step"], state["step"], state["epoch"], state["batch_pos"]
+        )
+
+    def _last_logged_step(self) -> int:
+        from vlmkit.train.metrics import read_metrics
+
+        rows = read_metrics(self.out / "metrics.jsonl")
+        return max((r.get("step", 0) for r in rows), default=0)
+
+    # ----------------------------------------------------------------------------------------- model
+    def _model_for_stage(self, index: int) -> VisionLanguageModel:
+        """Stage 0: `init_from` or the recipe's model; later stages: the previous stage's saved model."""
+        stage = self.recipe.stages[index]
+        seed_everything(self.recipe.train.seed)
+        if stage.init_from:
+            path = resolve_init(stage.init_from)
+            log.info("stage '%s' starts from %s", stage.name, path)
+            return VisionLanguageModel.from_pretrained(path).train()
+        if index > 0:
+            prev = stage_dir(self.out, index - 1, self.recipe.stages[index - 1]) / "model"
+            if prev.is_dir():
+                return VisionLanguageModel.from_pretrained(prev).train()
+        return VisionLanguageModel.from_config(self.recipe.model).train()
+
+    # ----------------------------------------------------------------------------------------- stage
+    def _run_stage(
+        self, model: VisionLanguageModel, stage: StageConfig, index: int, progress: Progress
+    ) -> VisionLanguageModel:
+        from rich.console import Console
+
+        from vlmkit.models.summary import parts_table
+        from vlmkit.train.data import StageData
+
+        cfg = self.recipe.train
+        plan = apply_stage(model, stage)
+        if self.strategy.is_main:
+            Console(stderr=True).print(
+                parts_table(model, title=f"stage {index} '{stage.name}' ({stage.preset})")
+            )
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        data = StageData.build(self.recipe, stage, model, self.out, self.strategy)
+        total = stage.max_steps or max(1, math.ceil(stage.epochs * data.steps_per_epoch))
+        wrapped = self.strategy.wrap(model)
+        optimizer = torch.optim.AdamW(plan.groups, betas=(0.9, 0.999), eps=1e-8)
+        scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
+        if self._resume_from is not None:
+            _, rest = load_checkpoint(self._resume_from, model)
+            self.strategy.load_optimizer(optimizer, rest["optimizer"], model)
+            scheduler.load_state_dict(rest["scheduler"])
+            set_rng_state(rest["rng"])
+            self._resume_from = None
+        else:
+            seed_everything(cfg.seed + 1000 * index)
+        log.info(
+            "stage '%s': %d optimizer steps of %d x %d samples (%d train samples)",
+            stage.name,
+            total,
+            stage.batch_size,
+            stage.grad_accum,
+            data.num_samples,
+        )
+        autocast = _autocast(cfg.precision)
+        bar = _progress_bar(self.strategy.is_main)
+        task = bar.add_task(
+            stage.name, total=total, completed=progress.stage_step, loss=float("nan"), lr=0.0, tps=0.0
+        )
+        window_start, window_tokens = time.perf_counter(), 0
+        with bar:
+            while progress.stage_step < total:
+                model.train()
+                loss_sum, tokens, samples = 0.0, 0, 0
+                for micro in range(stage.grad_accum):
+                    batch, progress.epoch, progress.batch_pos = data.next_batch(
+                        progress.epoch, progress.batch_pos
+                    )
+                    sync = micro == stage.grad_accum - 1
+                    with self.strategy.no_sync(wrapped, sync), autocast:
+                        out = wrapped(**batch)
+                    (out.loss / stage.grad_accum).backward()
+                    loss_sum += float(out.loss.detach())
+                    tokens += int(
+                        batch["input_ids"].numel()
+                        if batch.get("attention_mask") is None
+                        else batch["attention_mask"].sum()
+                    )
+                    samples += len(batch.get("sample_ids") or batch["input_ids"])
+                grad_norm = self.strategy.clip_grad_norm(model, stage.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.stage_step += 1
+                progress.global_step += 1
+                loss = self.strategy.mean(loss_sum / stage.grad_accum)
+                window_tokens += tokens
+                elapsed = time.perf_counter() - window_start
+                lr = optimizer.param_groups[0]["lr"]
+                record = {
+                    "step": progress.global_step,
+                    "stage": stage.name,
+                    "stage_step": progress.stage_step,
+                    "epoch": progress.epoch,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens": tokens,
+                    "samples": samples,
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                }
+                if self.metrics and (
+                    progress.stage_step % cfg.log_every == 0 or progress.stage_step == total
+                ):
+                    self.metrics.write(record)
+                bar.update(task, advance=1, loss=loss, lr=lr, tps=record["tokens_per_s"])
+                if (
+                    cfg.eval_every
+                    and progress.stage_step % cfg.eval_every == 0
+                    and progress.stage_step < total
+                ):
+                    self._validate(wrapped, data, stage, progress, autocast)
+                if (
+                    cfg.save_every
+                    and progress.stage_step % cfg.save_every == 0
+                    and progress.stage_step < total
+                ):
+                    self._checkpoint(model, optimizer, scheduler, index, progress)
+        self._validate(wrapped, data, stage, progress, autocast)
+        merge_lora(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.strategy.is_main:
+            model.save_pretrained(stage_dir(self.out, index, stage) / "model")
+            self._checkpoint_cleanup()
+        self.strategy.barrier()
+        return self.strategy.unwrap(model)
+
+    def _validate(self, model: Any, data: Any, stage: StageConfig, progress: Progress, autocast: Any) -> None:
+        batches = data.val_batches(self.recipe.train.val_batches)
+        if not batches:
+            return
+        model.eval()
+        total_loss, total_tokens = 0.0, 0
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                out = model(**batch)
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                total_loss += float(out.loss) * n
+                total_tokens += n
+        model.train()
+        val = self.strategy.mean(total_loss / max(total_tokens, 1))
+        log.info("stage '%s' step %d: val_loss %.4f", stage.name, progress.stage_step, val)
+        if self.metrics:
+            self.metrics.write({"step": progress.global_step, "stage": stage.name, "val_loss": val})
+
+    def _checkpoint(self, model: Any, optimizer: Any, scheduler: Any, index: int, progress: Progress) -> None:
+        weights, optim_state = self.strategy.gather_state(model, optimizer)
+        if self.strategy.is_main:
+            state = {
+                "stage_index": index,
+                "stage_step": progress.stage_step,
+                "epoch": progress.epoch,
+                "batch_pos": progress.batch_pos,
+                "stage": self.recipe.stages[index].name,
+            }
+            path = save_checkpoint(
+                self.ckpt_root,
+                progress.global_step,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                self.recipe.train.keep_last,
+                weights=weights,
+                optimizer_state=optim_state,
+            )
+            log.debug("checkpoint %s", path)
+        self.strategy.barrier()
+
+    def _checkpoint_cleanup(self) -> None:
+        """After a stage's model is saved, its mid-stage checkpoints are no longer needed for resume."""
+        import shutil
+
+        if self.ckpt_root.is_dir():
+            shutil.rmtree(self.ckpt_root)
+
+
+def _autocast(precision: str):
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision '{precision}' is not one of auto, bf16, fp32")
+    if precision == "fp32":
+        return nullcontext()
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
+    inner = model.llm.model
+    if hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
+    if hasattr(model.vision, "gradient_checkpointing"):
+        model.vision.gradient_checkpointing = True
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("lr {task.fields[lr]:.2e}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(recipe: RecipeConfig, out_dir: str | Path, resume: bool = False) -> Path:
+    """Library entry point of `vlmkit train`."""
+    return Trainer(recipe, out_dir, resume=resume).run()

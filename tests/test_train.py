@@ -1,0 +1,195 @@
+"""Training engine: the tiny recipe end to end, stages as data, strict config, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmkit.cli import main
+from vlmkit.config import LoRAConfig, RecipeConfig, StageConfig, load_config
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.train.checkpoint import latest_checkpoint
+from vlmkit.train.metrics import read_metrics
+from vlmkit.train.stages import apply_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run of configs/tiny.yaml (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["train", TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_tiny_recipe_runs_and_writes_the_run_directory(reference_run):
+    rows = [r for r in read_metrics(reference_run / "metrics.jsonl") if "loss" in r]
+    recipe = load_config(RecipeConfig, TINY)
+    assert [r["step"] for r in rows] == list(range(1, 21))  # >= 20 optimizer steps, one line each
+    assert recipe.train.save_every <= 5
+    assert {r["stage"] for r in rows} == {"align", "instruct"}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert any("val_loss" in r for r in read_metrics(reference_run / "metrics.jsonl"))
+    for name in (
+        "config.yaml",
+        "training.png",
+        "model/config.json",
+        "stages/0-align/model/model.safetensors",
+    ):
+        assert (reference_run / name).is_file(), name
+    model = VisionLanguageModel.from_pretrained(reference_run / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA merged into the saved model
+    # align changed only the bridge: the saved stage-0 tower equals a fresh build with the same seed
+    align = VisionLanguageModel.from_pretrained(reference_run / "stages/0-align/model")
+    torch.manual_seed(recipe.train.seed)
+    fresh = VisionLanguageModel.from_config(recipe.model)
+    assert torch.equal(align.vision.pos, fresh.vision.pos)
+    assert not torch.equal(align.bridge.mlp[0].weight, fresh.bridge.mlp[0].weight)
+
+
+def test_training_reduces_loss_on_a_small_set(tmp_path):
+    out = tmp_path / "fit"
+    main(
+        [
+            "train",
+            TINY,
+            "--out",
+            str(out),
+            "--set",
+            "stages=[{name: fit, preset: full, lr: 3.0e-3, max_steps: 25,"
+            " batch_size: 8, tasks: [counting], warmup_ratio: 0.0}]",
+            "data.synthetic.n_train=8",
+            "train.plot=false",
+        ]
+    )
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def _kill_after_checkpoint(out: Path, step: int, args: list[str]) -> None:
+    """Start `vlmkit train` in a subprocess and SIGKILL it as soon as checkpoint `step` is complete."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmkit.cli", "train", TINY, "--out", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if (out / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file():
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"training ended before checkpoint {step}: {proc.stderr.read()[-2000:]!r}"
+                )
+            time.sleep(0.005)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("kill_at,stage", [(4, "align"), (14, "instruct")], ids=["align", "instruct-lora"])
+def test_sigkill_and_resume_reproduce_the_uninterrupted_losses(reference_run, tmp_path, kill_at, stage):
+    out = tmp_path / "killed"
+    args = ["--set", "train.save_every=2", "train.keep_last=1", "train.plot=false"]
+    _kill_after_checkpoint(out, kill_at, args)
+    state = json.loads((latest_checkpoint(out / "checkpoints") / "trainer_state.json").read_text())
+    assert (
+        state["stage"] == stage and state["step"] >= kill_at
+    )  # resumes mid-stage (LoRA adapters in stage 2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmkit.cli", "train", TINY, "--out", str(out), "--resume", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "continuing from" in proc.stderr
+    ref, resumed = _losses(reference_run), _losses(out)
+    assert sorted(resumed) == sorted(ref)  # metrics.jsonl has each step once, none lost or repeated
+    for step in ref:
+        assert resumed[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_half_written_checkpoints_are_never_used(tmp_path):
+    from vlmkit.train.checkpoint import save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    save_checkpoint(root, 5, model, opt, sched, {"stage_index": 0})
+    (root / ".step-10.tmp-99").mkdir()  # a crash mid-write: temp dir
+    (root / "step-15").mkdir()  # a directory without its completion marker
+    (root / "step-15" / "trainable.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(root).name == "step-5"
+    (root / "latest").write_text("step-15")  # even a pointer to an incomplete one is not followed
+    assert latest_checkpoint(root).name == "step-5"
+
+
+def test_mistyped_key_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as err:
+        main(["train", TINY, "--out", str(out), "--set", "train.sav_every=3"])
+    assert "train.sav_every" in str(err.value) and "save_every" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        main(["train", TINY, "--out", str(out), "--set", "stages.0.lora_rank=3"])
+    assert "stages[0].lora_rank" in str(err.value) or "stages.0.lora_rank" in str(err.value)
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(reference_run):
+    with pytest.raises(SystemExit, match="--resume"):
+        main(["train", TINY, "--out", str(reference_run)])
+
+
+def test_stage_presets_freeze_maps_and_param_groups(tiny_vlm):
+    import copy
+
+    model = copy.deepcopy(tiny_vlm)
+    apply_stage(model, StageConfig(name="a", preset="align"))
+    train = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert train == {"bridge"}
+    apply_stage(model, StageConfig(name="q", preset="align", train_tower=True, frozen=["vision.blocks.0"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("vision.blocks.1") for n in names) and not any(
+        n.startswith("vision.blocks.0") for n in names
+    )
+    stage = StageConfig(
+        name="i",
+        preset="instruct",
+        lr=1e-3,
+        weight_decay=0.1,
+        module_lr={"bridge": 5e-3},
+        lora=LoRAConfig(r=4, alpha=8, target_modules=["q_proj"]),
+    )
+    plan = apply_stage(model, stage)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in trainable if n.startswith("llm"))
+    assert any("lora_" in n for n in trainable)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for group in plan.groups:
+        for p in group["params"]:
+            name = by_id[id(p)]
+            assert group["lr"] == (5e-3 if name.startswith("bridge") else 1e-3)
+            assert group["weight_decay"] == (0.0 if p.ndim < 2 or name.endswith("bias") else 0.1)
+    with pytest.raises(ValueError, match="no parameters under 'vison'"):
+        apply_stage(model, StageConfig(name="x", preset="custom", trainable=["vison"]))
+    with pytest.raises(ValueError, match="trains no parameters"):
+        apply_stage(model, StageConfig(name="y", preset="custom", frozen=["llm"], trainable=[]))

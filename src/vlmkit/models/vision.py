@@ -21,6 +21,7 @@ from vlmkit.registry import Registry
 log = get_logger(__name__)
 
 VISION_TOWERS: Registry = Registry("vision tower")
+VIT_WEIGHTS = "vision.safetensors"
 
 
 class VisionTower(nn.Module):
@@ -99,6 +100,24 @@ class SmallViT(VisionTower):
         self.norm = nn.LayerNorm(v.dim)
         self.select_layer = cfg.select_layer
         self.drop_prefix = cfg.drop_prefix_tokens
+        if cfg.path:
+            self.load_weights(cfg.path)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load pretrained weights (e.g. from `vlmkit pretrain-vision`): a .safetensors file or a directory
+        holding `vision.safetensors`."""
+        from safetensors.torch import load_file
+
+        file = Path(path)
+        if file.is_dir():
+            file = file / VIT_WEIGHTS
+        if not file.is_file():
+            raise FileNotFoundError(f"vision.path '{path}': no {VIT_WEIGHTS} weights found there")
+        missing, unexpected = self.load_state_dict(load_file(str(file)), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{file} does not match this ViT config: missing={missing[:4]} unexpected={unexpected[:4]}"
+            )
 
     def num_patches(self, image_size: int | None = None) -> int:
         kept = 0 if self.drop_prefix else self.num_prefix

@@ -382,5 +382,7 @@ def _portable_vision(cfg: Any, tower: VisionTower) -> None:
     hf = tower.hf_config_dict()
     if hf is not None:
         cfg.path, cfg.hf_config = None, hf
+    elif cfg.kind == "vit":
+        cfg.path = None  # the saved model holds the weights; a pretrained-weights path is not needed again
     for sub_cfg, sub_tower in zip(cfg.towers, getattr(tower, "towers", [])):
         _portable_vision(sub_cfg, sub_tower)

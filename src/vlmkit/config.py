@@ -103,11 +103,24 @@ class FusionConfig:
 
 
 @dataclass
+class ProcessorConfig:
+    """How prompts and images are prepared; saved with the model so chat, serve and eval match training
+    (the trainer copies these from the recipe's `data` section)."""
+
+    template: str = "auto"  # the tokenizer's own chat template, else chatml | vicuna_v1 | plain
+    system_prompt: str | None = None
+    resize: str = "resize"  # resize | pad | crop | anyres
+    anyres_grid: list[list[int]] = field(default_factory=list)
+    grounding_format: str | None = None  # the box format the model was taught (None: parse any)
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from PIL import Image
 
 from vlmkit.data.formats import Message
 from vlmkit.data.grounding import Box, box_to_original, parse_boxes
-from vlmkit.data.images import ImageTransform, image_mean_color, resize_image
+from vlmkit.data.dataset import ImageSettings
+from vlmkit.data.images import AnyResLayout, ImageTransform, anyres_layout, square_transform
 from vlmkit.data.prompts import render_prompt
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel, truncate_at_stop
@@ -25,6 +27,7 @@ class ChatRequest:
     messages: list[Message | dict[str, Any]]
     images: list[Image.Image] = field(default_factory=list)
     config: GenerationConfig | None = None
+    box_image: int = 0  # which image the answer's boxes are mapped onto (-1: the last one)
 
 
 @dataclass
@@ -33,94 +36,279 @@ class ChatResult:
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    boxes: list[tuple[str | None, Box]]  # parsed from `text`, in pixels of the ORIGINAL image (first image)
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" (`should_stop` said so)
+    boxes: list[tuple[str | None, Box]]  # parsed from `text`, in pixels of the ORIGINAL image (`box_image`)
+
+
+def sampling_key(config: GenerationConfig) -> tuple[Any, ...]:
+    """Requests whose configs share this key can share one batch; `max_new_tokens` and `stop_strings` are
+    per row. All greedy configs share a key whatever their temperature / top-p / top-k / seed."""
+    common = (tuple(config.eos_token_ids), config.use_cache)
+    if not config.do_sample or config.temperature <= 0:
+        return ("greedy", *common)
+    return ("sample", config.temperature, config.top_p, config.top_k, config.seed, *common)
+
+
+class TextStream:
+    """One row's incremental detokenisation (decode-diff): push token ids, get the newly final text.
+
+    Text is held back while it ends in an incomplete UTF-8 sequence or could be the start of a stop string,
+    so the pieces returned by `push` and `finish` concatenate to exactly the final text.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_token_ids: Sequence[int],
+        stop_strings: Sequence[str],
+        max_new_tokens: int,
+        *,
+        incremental: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        self.stops = [s for s in stop_strings if s]
+        self.max_new_tokens = max_new_tokens
+        self.incremental = incremental or bool(self.stops)  # stop strings need the text at every step
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # set once the row is done
+        self.emitted = ""
+        self._text: str | None = None  # the final text, once done
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> str:
+        """Feed the row's next token; returns the text that became final (often "")."""
+        if self.done:
+            return ""
+        if token in self.eos:
+            return self._end("stop")
+        self.tokens.append(token)
+        if not self.incremental:
+            return self._end("length") if len(self.tokens) >= self.max_new_tokens else ""
+        text = self._decode()
+        cut = truncate_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            return self._end("stop", cut)
+        if len(self.tokens) >= self.max_new_tokens:
+            return self._end("length", text)
+        safe = len(text.rstrip("\ufffd"))  # an incomplete multi-byte character decodes to U+FFFD
+        for stop in self.stops:  # hold back a suffix that may grow into a stop string
+            for n in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - n : safe] == stop[:n]:
+                    safe -= n
+                    break
+        return self._emit(text[:safe])
+
+    def cancel(self) -> None:
+        if not self.done:
+            self._end("cancelled")
+
+    def finish(self) -> str:
+        """End the row (budget exhausted if not already done); returns the text not yet emitted."""
+        return self._end("length") if not self.done else ""
+
+    @property
+    def text(self) -> str:
+        """The final text (EOS dropped, cut before any stop string)."""
+        if self._text is None:
+            return truncate_at_stop(self._decode(), self.stops)
+        return self._text
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def _end(self, reason: str, text: str | None = None) -> str:
+        self.finish_reason = reason
+        self._text = truncate_at_stop(self._decode(), self.stops) if text is None else text
+        return self._emit(self._text)
+
+    def _emit(self, text: str) -> str:
+        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
+            return ""  # nothing new (or the tokenizer rewrote earlier text: leave it to the final result)
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+
+class _AllRowsDone(Exception):
+    """Raised from the step callback to end decoding once every row is done by its own settings."""
 
 
 class Predictor:
     """Renders prompts with the model's chat template, preprocesses images, decodes in batches (left padding)."""
 
-    def __init__(self, model: VisionLanguageModel, *, template: str = "auto", resize: str = "resize",
-                 system_prompt: str | None = None, grounding_format: str | None = None) -> None:
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        *,
+        template: str | None = None,
+        resize: str | None = None,
+        system_prompt: str | None = None,
+        grounding_format: str | None = None,
+    ) -> None:
+        """Settings default to the model's saved `processor` config (what it was trained with)."""
+        proc = model.cfg.processor
         self.model = model.eval()
-        self.template = template
-        self.resize = resize
-        self.system_prompt = system_prompt
-        self.grounding_format = grounding_format  # None: any format the parser recognises
+        self.template = template or proc.template
+        self.resize = resize or proc.resize
+        vision = model.vision
+        # the same image pipeline as training (VLMDataset), so inference sees what the model was trained on
+        self.images = ImageSettings(
+            image_size=vision.image_size,
+            mean=vision.image_mean,
+            std=vision.image_std,
+            resize=self.resize,
+            anyres_grid=proc.anyres_grid,
+            transform=vision.transform,
+        )
+        self.system_prompt = system_prompt if system_prompt is not None else proc.system_prompt
+        self.grounding_format = grounding_format or proc.grounding_format  # None: any format the parser knows
 
-    def prompt_text(self, messages: Sequence[Message | dict[str, Any]]) -> str:
+    def prompt_text(
+        self, messages: Sequence[Message | dict[str, Any]], num_tiles: Sequence[int] | None = None
+    ) -> str:
         """The exact text fed to the tokenizer (placeholders expanded) for a conversation."""
-        return render_prompt(messages, self.model.tokenizer, template=self.template, add_generation_prompt=True,
-                             image_token=self.model.llm.image_token,
-                             tokens_per_image=self.model.tokens_per_image, system_prompt=self.system_prompt)
+        return render_prompt(
+            messages,
+            self.model.tokenizer,
+            template=self.template,
+            add_generation_prompt=True,
+            image_token=self.model.llm.image_token,
+            tokens_per_image=self.model.tokens_per_image,
+            system_prompt=self.system_prompt,
+            num_tiles=num_tiles,
+        )
 
-    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, ImageTransform]:
-        """PIL -> model pixels [3,S,S] and the transform mapping original pixels to model-input pixels."""
-        vision = self.model.vision
-        fill = image_mean_color(vision.image_mean)
-        resized, transform = resize_image(image.convert("RGB"), vision.image_size, self.resize, fill=fill)
-        return vision.transform(resized), transform
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, ImageTransform | AnyResLayout]:
+        """PIL -> model pixels [tiles, 3, S, S] and the map from original pixels to the model's (global) view."""
+        image = image.convert("RGB")
+        size = self.model.vision.image_size
+        if self.resize == "anyres":
+            geometry: ImageTransform | AnyResLayout = anyres_layout(image.size, self.images.grid, size)
+        else:
+            geometry = square_transform(image.size, size, self.resize)
+        return self.images.tensors(image), geometry
 
-    def prepare(self, requests: Sequence[ChatRequest]) -> tuple[dict[str, Any], list[list[ImageTransform]]]:
+    def prepare(self, requests: Sequence[ChatRequest]) -> tuple[dict[str, Any], list[list[Any]]]:
         texts, pixels, counts, transforms = [], [], [], []
         for req in requests:
-            texts.append(self.prompt_text(req.messages))
             row = [self.preprocess(img) for img in req.images]
+            tiles = [p.shape[0] for p, _ in row]
+            texts.append(self.prompt_text(req.messages, tiles))
             pixels += [p for p, _ in row]
             transforms.append([t for _, t in row])
-            counts.append(len(row))
+            counts.append(sum(tiles))
         tok = self.model.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             tok.padding_side = side
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                 "pixel_values": torch.stack(pixels) if pixels else None, "image_counts": counts}
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": torch.cat(pixels) if pixels else None,
+            "image_counts": counts,
+        }
         return batch, transforms
 
-    def generate(self, requests: Sequence[ChatRequest], config: GenerationConfig | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> list[ChatResult]:
-        """Continue every conversation in one batch (they share `config`; a request's own config wins if set)."""
+    def prompt_length(self, messages: Sequence[Message | dict[str, Any]]) -> int:
+        """Prompt tokens of a conversation (image placeholders included); raises on an image-count mismatch."""
+        ids = self.model.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
+        return len(ids)
+
+    def generate(
+        self,
+        requests: Sequence[ChatRequest],
+        config: GenerationConfig | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
+        on_text: Callable[[int, str], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
+    ) -> list[ChatResult]:
+        """Continue every conversation in one batch.
+
+        A request's own `config` wins over `config`. Rows may differ in `max_new_tokens` and `stop_strings`;
+        the rest must agree (`sampling_key`). `streamer(next_tokens[B])` sees raw tokens each step;
+        `on_text(row, delta)` gets each row's text as it becomes final (decode-diff); `should_stop(row)`,
+        polled every step, ends a row early (finish_reason "cancelled").
+        """
         if not requests:
             return []
-        config = requests[0].config or config or GenerationConfig()
+        configs = [req.config or config or GenerationConfig() for req in requests]
+        if len({sampling_key(c) for c in configs}) > 1:
+            raise ValueError("requests in one batch must share sampling settings (see sampling_key)")
+        batch_config = dataclasses.replace(
+            configs[0], max_new_tokens=max(c.max_new_tokens for c in configs), stop_strings=[]
+        )
+        eos = batch_config.eos_token_ids or self.model.llm.eos_token_ids
+        rows = [
+            TextStream(
+                self.model.tokenizer, eos, c.stop_strings, c.max_new_tokens, incremental=on_text is not None
+            )
+            for c in configs
+        ]
         batch, transforms = self.prepare(requests)
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        new = self.model.generate(**batch, config=config, streamer=streamer).cpu()
-        eos = set(config.eos_token_ids or self.model.llm.eos_token_ids)
-        pad = self.model.tokenizer.pad_token_id
+
+        def step(next_tokens: torch.Tensor) -> None:  # next_tokens [B]
+            if streamer is not None:
+                streamer(next_tokens)
+            for i, (row, token) in enumerate(zip(rows, next_tokens.tolist())):
+                delta = row.push(token)
+                if should_stop is not None and not row.done and should_stop(i):
+                    row.cancel()
+                if delta and on_text is not None:
+                    on_text(i, delta)
+            if all(row.done for row in rows):
+                raise _AllRowsDone
+
+        if batch_config.max_new_tokens > 0:
+            with contextlib.suppress(_AllRowsDone):
+                self._decode(batch, batch_config, step)
         results = []
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
-        for row, tokens in enumerate(new.tolist()):
-            kept, reason = [], "length"
-            for t in tokens:
-                if t in eos:
-                    reason = "stop"
-                    break
-                kept.append(t)
-            if reason == "length" and pad not in eos:
-                while kept and kept[-1] == pad and len(kept) < len(tokens):
-                    kept.pop()
-            raw = self.model.tokenizer.decode(kept, skip_special_tokens=True)
-            text = truncate_at_stop(raw, config.stop_strings)
-            if text != raw:
-                reason = "stop"
-            results.append(ChatResult(text, kept, int(prompt_lengths[row]), len(kept), reason,
-                                      self.boxes(text, transforms[row])))
+        for i, (req, row) in enumerate(zip(requests, rows)):
+            delta = row.finish()
+            if delta and on_text is not None:
+                on_text(i, delta)
+            results.append(
+                ChatResult(
+                    row.text,
+                    row.tokens,
+                    int(prompt_lengths[i]),
+                    len(row.tokens),
+                    row.finish_reason or "length",
+                    self.boxes(row.text, transforms[i], req.box_image),
+                )
+            )
         return results
 
-    def boxes(self, text: str, transforms: Sequence[ImageTransform]) -> list[tuple[str | None, Box]]:
-        """Boxes in `text` (coordinates relative to the model input) mapped onto the first original image."""
+    def _decode(
+        self, batch: dict[str, Any], config: GenerationConfig, streamer: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Run the model's decode loop on a prepared batch, feeding every step's tokens [B] to `streamer`."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        self.model.generate(**batch, config=config, streamer=streamer)
+
+    def boxes(
+        self, text: str, transforms: Sequence[ImageTransform], image: int = 0
+    ) -> list[tuple[str | None, Box]]:
+        """Boxes in `text` (coordinates relative to the model input) mapped onto original image `image`."""
         if not transforms:
             return []
         size = self.model.vision.image_size
         found = parse_boxes(text, self.grounding_format, size, size)
-        return [(ref, box_to_original(box, transforms[0])) for ref, box in found]
+        transform = transforms[image] if -len(transforms) <= image < len(transforms) else transforms[0]
+        return [(ref, box_to_original(box, transform)) for ref, box in found]
 
-    def chat(self, messages: Sequence[Message | dict[str, Any]], images: Sequence[Image.Image] = (),
-             **overrides: Any) -> ChatResult:
+    def chat(
+        self,
+        messages: Sequence[Message | dict[str, Any]],
+        images: Sequence[Image.Image] = (),
+        **overrides: Any,
+    ) -> ChatResult:
         """One conversation, generation settings as keyword overrides (max_new_tokens, temperature, ...)."""
         config = dataclasses.replace(GenerationConfig(), **overrides)
         return self.generate([ChatRequest(list(messages), list(images))], config)[0]

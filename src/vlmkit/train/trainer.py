@@ -264,6 +264,7 @@ class Trainer:
                     self._checkpoint(model, optimizer, scheduler, index, progress)
         self._validate(wrapped, data, stage, progress, autocast)
         merge_lora(model)
+        record_processor(model, self.recipe)
         for p in model.parameters():
             p.requires_grad_(False)
         if self.strategy.is_main:
@@ -320,6 +321,15 @@ class Trainer:
 
         if self.ckpt_root.is_dir():
             shutil.rmtree(self.ckpt_root)
+
+
+def record_processor(model: VisionLanguageModel, recipe: RecipeConfig) -> None:
+    """Copy the data settings that shape prompts and images into the model config (saved with the model)."""
+    data, proc = recipe.data, model.cfg.processor
+    proc.template, proc.system_prompt = data.template, data.system_prompt
+    proc.resize, proc.anyres_grid = data.resize, [list(x) for x in data.anyres_grid]
+    if data.synthetic is not None:
+        proc.grounding_format = data.synthetic.grounding_format
 
 
 def _autocast(precision: str):

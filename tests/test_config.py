@@ -44,3 +44,12 @@ def test_registry_lists_known_ids():
         reg.get("c")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("a")(float)
+
+
+def test_recipes_resolve_by_name_and_unknown_names_list_the_known():
+    from vlmkit.config import RecipeConfig, resolve_recipe
+
+    assert resolve_recipe("tiny").name == "tiny.yaml"
+    assert load_config(RecipeConfig, "tiny").model.llm.kind == "tiny"
+    with pytest.raises(ConfigError, match="known recipes: .*tiny"):
+        resolve_recipe("no-such-recipe")

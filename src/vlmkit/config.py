@@ -363,8 +363,27 @@ def save_yaml(obj: Any, path: str | Path) -> None:
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
 
 
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up by name: ./configs, then the project's configs/ next to the package source."""
+    here = Path(__file__).resolve()
+    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path, or a name like `llava-1.5` looked up as `configs/<name>.yaml`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in recipe_dirs():
+        candidate = folder / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+    raise ConfigError(f"no recipe file or name '{name_or_path}'; known recipes: {', '.join(known) or '(none)'}")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Load a YAML file (or defaults) into `cls`, applying dotted overrides, validating every key."""
-    data = load_yaml(path) if path else {}
+    """Load a YAML file or recipe name (or defaults) into `cls`, applying dotted overrides, validating every key."""
+    data = load_yaml(resolve_recipe(path)) if path else {}
     apply_overrides(data, overrides or [])
     return from_dict(cls, data)

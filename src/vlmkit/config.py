@@ -103,6 +103,16 @@ class FusionConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Bottleneck adapters (down-projection, activation, zero-initialised up-projection, residual) after decoder
+    layers 0, `every`, 2*`every`, ... of the LLM (Lynx); they train as the top-level `adapters` part."""
+
+    every: int = 1
+    dim: int = 64  # bottleneck width
+    activation: str = "gelu"  # gelu | relu | silu
+
+
+@dataclass
 class ProcessorConfig:
     """How prompts and images are prepared; saved with the model so chat, serve and eval match training
     (the trainer copies these from the recipe's `data` section)."""
@@ -121,6 +131,7 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    adapters: AdapterConfig | None = None  # bottleneck adapters in the LLM (Lynx); None: none
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -187,7 +198,8 @@ class StageConfig:
 
     preset sets what trains: `align` (bridge; + tower when `train_tower`), `instruct` (bridge + LLM, or LoRA on the
     LLM when `lora` is set), `full` (everything), `custom` (exactly `trainable`). `trainable` / `frozen` take module
-    prefixes (`vision`, `bridge`, `llm`, `fusion`, or deeper like `vision.blocks.2`) and refine the preset.
+    prefixes (`vision`, `bridge`, `llm`, `fusion`, `adapters`, or deeper like `vision.blocks.2`) and refine the
+    preset. `fusion` and `adapters` train wherever the bridge does.
     """
 
     name: str = "align"

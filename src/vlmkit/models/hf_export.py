@@ -31,6 +31,8 @@ def check_exportable(model: VisionLanguageModel) -> str:
     """Return the HF vision model_type, or raise `ExportError` saying what cannot be exported and why."""
     cfg = model.cfg
     problems = []
+    if getattr(cfg, "adapters", None) is not None:
+        problems.append("LLM adapters (Llava's language model has none)")
     if cfg.fusion.mode != "prefix":
         problems.append(f"fusion '{cfg.fusion.mode}' (Llava only has prefix fusion)")
     hf = model.vision.hf_config_dict() if cfg.vision.kind == "hf" else None

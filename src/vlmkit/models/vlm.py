@@ -57,6 +57,11 @@ class VisionLanguageModel(nn.Module):
             self.fusion = XAttnFusion(llm, cfg.fusion)
         elif cfg.fusion.mode != "prefix":
             raise ValueError(f"fusion.mode '{cfg.fusion.mode}' is not one of: prefix, xattn")
+        self.adapters: nn.Module | None = None
+        if cfg.adapters is not None:
+            from vlmkit.models.adapters import LLMAdapters
+
+            self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
 
     # ------------------------------------------------------------------------------------- building
     @classmethod

@@ -26,8 +26,7 @@ def preset_trainable(stage: StageConfig, model: nn.Module) -> list[str]:
         raise ValueError(
             f"stage '{stage.name}': unknown preset '{stage.preset}'; known: {', '.join(PRESETS)}"
         )
-    has_fusion = getattr(model, "fusion", None) is not None
-    extra = ["fusion"] if has_fusion else []
+    extra = [part for part in ("fusion", "adapters") if getattr(model, part, None) is not None]
     if stage.preset == "align":
         return ["bridge", *extra] + (["vision"] if stage.train_tower else [])
     if stage.preset == "instruct":

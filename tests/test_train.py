@@ -81,7 +81,7 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _kill_after_checkpoint(out: Path, step: int, args: list[str]) -> None:
-    """Start `vlmkit train` in a subprocess and SIGKILL it as soon as checkpoint `step` is complete."""
+    """Start `vlmkit train` in a subprocess and SIGKILL it as soon as a checkpoint at or past `step` exists."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlmkit.cli", "train", TINY, "--out", str(out), *args],
@@ -92,7 +92,8 @@ def _kill_after_checkpoint(out: Path, step: int, args: list[str]) -> None:
     deadline = time.time() + 120
     try:
         while time.time() < deadline:
-            if (out / "checkpoints" / f"step-{step}" / "trainer_state.json").is_file():
+            latest = latest_checkpoint(out / "checkpoints")
+            if latest is not None and int(latest.name.split("-")[1]) >= step:
                 proc.send_signal(signal.SIGKILL)
                 break
             if proc.poll() is not None:

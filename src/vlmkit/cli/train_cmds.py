@@ -17,7 +17,10 @@ def _train(args: argparse.Namespace) -> int:
         final = train(recipe, args.out, resume=args.resume)
     except RunDirError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"trained model: {final}")
+    from vlmkit.train.distributed import rank
+
+    if rank() == 0:
+        print(f"trained model: {final}")
     return 0
 
 

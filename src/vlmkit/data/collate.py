@@ -33,17 +33,26 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _pixel_rows(sample: Mapping[str, Any]) -> int:
-    """Pixel tensors a sample contributes (images, or tiles under AnyRes): its entry in `image_counts`."""
+    """Pixel tensors a sample contributes (images, or tiles under AnyRes): its entry in `image_counts`.
+    Items from a feature cache carry `vision_features` rows [I_k, N, Dv] instead, one per pixel row."""
     pixels = sample.get("pixel_values")
+    if pixels is None:
+        pixels = sample.get("vision_features")
     return 0 if pixels is None else int(pixels.shape[0])
 
 
-def _concat_pixels(samples: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
-    """All samples' pixel tensors [I_k, 3, S, S] -> [sum I_k, 3, S, S] in order (None when there are none)."""
-    pixels = [
-        s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])
-    ]
+def _concat_pixels(samples: Sequence[Mapping[str, Any]], key: str = "pixel_values") -> torch.Tensor | None:
+    """All samples' pixel tensors [I_k, 3, S, S] -> [sum I_k, 3, S, S] in order (None when there are none);
+    `key="vision_features"`: cached tower features [I_k, N, Dv] -> [sum I_k, N, Dv] the same way."""
+    pixels = [s[key] for s in samples if s.get(key) is not None and len(s[key])]
     return torch.cat(pixels, dim=0) if pixels else None
+
+
+def _with_features(batch: dict[str, Any], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add `vision_features` [I, N, Dv] (in `samples` order) when the items carry cached features."""
+    if any(s.get("vision_features") is not None for s in samples):
+        batch["vision_features"] = _concat_pixels(samples, "vision_features")
+    return batch
 
 
 class Collator:
@@ -51,7 +60,8 @@ class Collator:
 
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (IGNORE_INDEX on pads; omitted when the
     items have no labels), pixel_values [I, 3, S, S] (every sample's images in order, None when there are
-    none), image_counts list[int] (pixel tensors per row) and sample_ids list[str].
+    none), image_counts list[int] (pixel tensors per row) and sample_ids list[str]. Items carrying cached
+    tower features add vision_features [I, N, Dv], concatenated the same way.
     Use padding_side="right" for training and "left" for generation.
     """
 
@@ -91,7 +101,7 @@ class Collator:
         batch["pixel_values"] = _concat_pixels(samples)  # [I, 3, S, S] | None
         batch["image_counts"] = [_pixel_rows(s) for s in samples]
         batch["sample_ids"] = [str(s.get("id", i)) for i, s in enumerate(samples)]
-        return batch
+        return _with_features(batch, samples)
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -166,7 +176,7 @@ class PackingCollator:
                 order.append(k)
             position_ids[row, at:] = torch.arange(length - at)  # padding: a "sequence" of its own
         packed = [samples[k] for k in order]
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": None,
             "labels": labels,
@@ -177,6 +187,7 @@ class PackingCollator:
             "sample_index": sample_index,
             "packed_ids": [str(s.get("id", i)) for i, s in enumerate(samples)],
         }
+        return _with_features(batch, packed)  # vision_features [I, N, Dv] in packed order, as pixel_values
 
 
 def per_sample_token_loss(

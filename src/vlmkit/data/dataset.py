@@ -276,6 +276,9 @@ class VLMDataset(torch.utils.data.Dataset):
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.report = report if report is not None else DataReport()
+        # When set (by a frozen-tower `FeatureCache`): image ref -> cached tower features [tiles, N, Dv];
+        # items then carry `vision_features` and no image is decoded.
+        self.feature_source: Callable[[str], torch.Tensor] | None = None
         self.encoded: list[EncodedSample] = []
         # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
         checked = _map(partial(_check_images, images=self.images), samples, num_workers)
@@ -365,24 +368,33 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         enc = self.encoded[index]
-        try:  # one [tiles, 3, S, S] tensor per image
-            pixels = [self.images.tensors(self.images.open(ref)) for ref in enc.images]
-        except (ImageError, SampleError) as err:  # validated at construction: the file changed since
-            raise RuntimeError(f"sample '{enc.id}': an image changed after validation: {err}") from err
+        if self.feature_source is not None:  # cached tower output, one [tiles, N, Dv] per image: no decoding
+            pixels, field_name = [self.feature_source(ref) for ref in enc.images], "vision_features"
+        else:
+            pixels, field_name = self._pixels(enc), "pixel_values"  # one [tiles, 3, S, S] per image
         for ref, p, tiles in zip(enc.images, pixels, enc.num_tiles):
             if p.shape[0] != tiles:
                 raise RuntimeError(
                     f"sample '{enc.id}': image {ref} gave {p.shape[0]} tiles, {tiles} at validation"
                 )
-        return {
+        item: dict[str, Any] = {
             "id": enc.id,
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),  # [T]
             "labels": torch.tensor(enc.labels, dtype=torch.long),  # [T]
-            "pixel_values": torch.cat(pixels) if pixels else None,  # [sum tiles, 3, S, S] | None
+            "pixel_values": None,
             "image_count": len(enc.images),
             "num_tiles": list(enc.num_tiles),
             "length": len(enc.input_ids),
         }
+        # pixel_values [sum tiles, 3, S, S] | vision_features [sum tiles, N, Dv] | None
+        item[field_name] = torch.cat(pixels) if pixels else None
+        return item
+
+    def _pixels(self, enc: EncodedSample) -> list[torch.Tensor]:
+        try:
+            return [self.images.tensors(self.images.open(ref)) for ref in enc.images]
+        except (ImageError, SampleError) as err:  # validated at construction: the file changed since
+            raise RuntimeError(f"sample '{enc.id}': an image changed after validation: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------------ checking

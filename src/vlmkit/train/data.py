@@ -102,7 +102,9 @@ class StageData:
         if recipe.train.feature_cache:
             from vlmkit.train.feature_cache import maybe_feature_cache
 
-            data.feature_cache = maybe_feature_cache(model, data, run_dir, data_cfg)
+            data.feature_cache = maybe_feature_cache(
+                model, data, run_dir, data_cfg, barrier=getattr(strategy, "barrier", None)
+            )
         return data
 
     @property
@@ -147,7 +149,10 @@ class StageData:
     def val_batches(self, limit: int = 0) -> list[dict[str, Any]]:
         if self.val is None or len(self.val) == 0:
             return []
-        idx = list(range(len(self.val)))[self.rank :: self.world]
+        # every rank gets the same number of batches (sharded models run collectives in each forward):
+        # the split is padded to a multiple of the world size by wrapping around, as DistributedSampler does
+        n = len(self.val)
+        idx = [i % n for i in range(-(-n // self.world) * self.world)][self.rank :: self.world]
         chunks = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
         if limit:
             chunks = chunks[:limit]

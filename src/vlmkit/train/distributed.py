@@ -58,6 +58,9 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """End of training (multi-process strategies destroy their process group)."""
+
     def gather_state(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:

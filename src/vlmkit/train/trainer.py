@@ -19,7 +19,7 @@ from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from vlmkit.train.metrics import MetricsLog, plot_run
 from vlmkit.train.schedule import build_scheduler
-from vlmkit.train.stages import apply_stage, merge_lora
+from vlmkit.train.stages import apply_stage, merge_lora, param_groups
 
 log = get_logger(__name__)
 
@@ -63,7 +63,15 @@ class Progress:
 class Trainer:
     """Runs a recipe's stages into a run directory; `resume=True` continues from the latest checkpoint."""
 
-    def __init__(self, recipe: RecipeConfig, out_dir: str | Path, resume: bool = False, strategy: Any = None):
+    def __init__(
+        self,
+        recipe: RecipeConfig,
+        out_dir: str | Path,
+        resume: bool = False,
+        strategy: Any = None,
+        model: VisionLanguageModel | None = None,
+    ):
+        """`model`: an already built stage-0 model (as `from_config(recipe.model)` would build it after seeding)."""
         if not recipe.stages:
             raise ValueError(
                 "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
@@ -76,27 +84,36 @@ class Trainer:
         self.strategy = strategy or build_strategy(recipe.train.strategy)
         self.ckpt_root = self.out / "checkpoints"
         self.metrics: MetricsLog | None = None
+        self._given_model = model
 
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         """Train every stage; returns the directory of the final model (`RUN_DIR/model`)."""
-        progress = self._start()
-        model = self._model_for_stage(progress.stage_index)
-        for index in range(progress.stage_index, len(self.recipe.stages)):
-            stage = self.recipe.stages[index]
-            if index > progress.stage_index:
-                progress = Progress(stage_index=index, global_step=progress.global_step)
-                if stage.init_from:
-                    model = self._model_for_stage(index)
-            model = self._run_stage(model, stage, index, progress)
-        final = self.out / "model"
-        if self.strategy.is_main:
-            model.save_pretrained(final)
-            if self.recipe.train.plot:
-                plot_run(self.out / "metrics.jsonl", self.out / "training.png")
-        self.strategy.barrier()
-        if self.metrics:
-            self.metrics.close()
+        try:
+            progress = self._start()
+            given, self._given_model = self._given_model, None
+            first = self.recipe.stages[progress.stage_index]
+            if given is not None and progress.stage_index == 0 and not first.init_from:
+                model = given
+            else:
+                model = self._model_for_stage(progress.stage_index)
+            for index in range(progress.stage_index, len(self.recipe.stages)):
+                stage = self.recipe.stages[index]
+                if index > progress.stage_index:
+                    progress = Progress(stage_index=index, global_step=progress.global_step)
+                    if stage.init_from:
+                        model = self._model_for_stage(index)
+                model = self._run_stage(model, stage, index, progress)
+            final = self.out / "model"
+            if self.strategy.is_main:
+                model.save_pretrained(final)
+                if self.recipe.train.plot:
+                    plot_run(self.out / "metrics.jsonl", self.out / "training.png")
+            self.strategy.barrier()
+        finally:
+            if self.metrics:
+                self.metrics.close()
+            self.strategy.close()  # multi-process strategies destroy their process group here
         log.info("final model: %s", final)
         return final
 
@@ -170,7 +187,7 @@ class Trainer:
         from vlmkit.train.data import StageData
 
         cfg = self.recipe.train
-        plan = apply_stage(model, stage)
+        apply_stage(model, stage)
         if self.strategy.is_main:
             Console(stderr=True).print(
                 parts_table(model, title=f"stage {index} '{stage.name}' ({stage.preset})")
@@ -179,11 +196,14 @@ class Trainer:
             _enable_gradient_checkpointing(model)
         data = StageData.build(self.recipe, stage, model, self.out, self.strategy)
         total = stage.max_steps or max(1, math.ceil(stage.epochs * data.steps_per_epoch))
-        wrapped = self.strategy.wrap(model)
-        optimizer = torch.optim.AdamW(plan.groups, betas=(0.9, 0.999), eps=1e-8)
-        scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
-        if self._resume_from is not None:
+        rest = None
+        if self._resume_from is not None:  # full weights go into the plain model, before any sharding
             _, rest = load_checkpoint(self._resume_from, model)
+        wrapped = self.strategy.wrap(model)
+        # grouped after wrapping: FSDP replaces the parameters by sharded ones (same names, same order)
+        optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+        scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
+        if rest is not None:
             self.strategy.load_optimizer(optimizer, rest["optimizer"], model)
             scheduler.load_state_dict(rest["scheduler"])
             set_rng_state(rest["rng"])
@@ -263,6 +283,8 @@ class Trainer:
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
         self._validate(wrapped, data, stage, progress, autocast)
+        del wrapped, optimizer
+        model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         merge_lora(model)
         record_processor(model, self.recipe)
         for p in model.parameters():
@@ -271,7 +293,7 @@ class Trainer:
             model.save_pretrained(stage_dir(self.out, index, stage) / "model")
             self._checkpoint_cleanup()
         self.strategy.barrier()
-        return self.strategy.unwrap(model)
+        return model
 
     def _validate(self, model: Any, data: Any, stage: StageConfig, progress: Progress, autocast: Any) -> None:
         batches = data.val_batches(self.recipe.train.val_batches)
@@ -286,7 +308,8 @@ class Trainer:
                 total_loss += float(out.loss) * n
                 total_tokens += n
         model.train()
-        val = self.strategy.mean(total_loss / max(total_tokens, 1))
+        # token-weighted over all ranks' shards (a ratio of the summed loss and token counts)
+        val = self.strategy.mean(total_loss) / max(self.strategy.mean(total_tokens), 1e-9)
         log.info("stage '%s' step %d: val_loss %.4f", stage.name, progress.stage_step, val)
         if self.metrics:
             self.metrics.write({"step": progress.global_step, "stage": stage.name, "val_loss": val})

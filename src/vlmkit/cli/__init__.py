@@ -13,7 +13,10 @@ from vlmkit.log import setup_logging
 COMMAND_MODULES = [
     "vlmkit.cli.model_cmds",
     "vlmkit.cli.data_cmds",
+    "vlmkit.cli.serve_cmds",
     "vlmkit.cli.train_cmds",
+    "vlmkit.cli.pretrain_cmds",
+    "vlmkit.cli.eval_cmds",
 ]
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlmkit.data.dataset import ImageSettings
 from vlmkit.data.formats import Message
 from vlmkit.data.grounding import Box, box_to_original, parse_boxes
-from vlmkit.data.dataset import ImageSettings
 from vlmkit.data.images import AnyResLayout, ImageTransform, anyres_layout, square_transform
 from vlmkit.data.prompts import render_prompt
 from vlmkit.models.generation import GenerationConfig
@@ -214,9 +214,19 @@ class Predictor:
         }
         return batch, transforms
 
-    def prompt_length(self, messages: Sequence[Message | dict[str, Any]]) -> int:
-        """Prompt tokens of a conversation (image placeholders included); raises on an image-count mismatch."""
-        ids = self.model.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"]
+    def num_tiles(self, image: Image.Image) -> int:
+        """How many tower inputs (hence placeholder runs) an image becomes: 1, or its AnyRes tiles."""
+        if self.resize != "anyres":
+            return 1
+        return anyres_layout(image.size, self.images.grid, self.model.vision.image_size).num_tiles
+
+    def prompt_length(
+        self, messages: Sequence[Message | dict[str, Any]], images: Sequence[Image.Image] = ()
+    ) -> int:
+        """Prompt tokens of a conversation (image placeholders included, from image sizes alone: no pixels are
+        processed); raises on an image-count mismatch."""
+        tiles = [self.num_tiles(im) for im in images] if images else None
+        ids = self.model.tokenizer(self.prompt_text(messages, tiles), add_special_tokens=False)["input_ids"]
         return len(ids)
 
     def generate(

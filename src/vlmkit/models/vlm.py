@@ -219,6 +219,7 @@ class VisionLanguageModel(nn.Module):
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
+            logits_to_keep=1,  # the decode loop reads only the last position: skip the rest of the LM head
         )
 
     def generate_text(

@@ -1,0 +1,131 @@
+"""Inference subcommands: `vlmkit chat` (terminal), `serve` (OpenAI-compatible API + web demo), `web`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import sys
+
+    from vlmkit.infer.chat import run_chat, session_config
+    from vlmkit.infer.server import build_predictor
+
+    predictor = build_predictor(args.model_dir, system_prompt=args.system)
+    config = session_config(
+        max_new_tokens=args.max_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    return run_chat(predictor, sys.stdin, sys.stdout, images=args.image, config=config)
+
+
+def _server_config(args: argparse.Namespace, web: bool) -> object:
+    from vlmkit.infer.media import MediaPolicy
+    from vlmkit.infer.server import ServerConfig
+
+    media = MediaPolicy(
+        allowed_local_paths=[Path(p) for p in args.allowed_local_media_path],
+        allow_remote=args.allow_remote_media,
+        allowed_domains=list(args.allowed_media_domains),
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_image_pixels,
+    )
+    if args.allowed_media_domains and not args.allow_remote_media:
+        raise SystemExit("error: --allowed-media-domains needs --allow-remote-media")
+    return ServerConfig(
+        model_name=args.model_name or Path(args.model_dir).resolve().name,
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
+        batch_max_wait_ms=args.batch_max_wait_ms,
+        max_queue=args.max_queue,
+        default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_images_per_request=args.max_images,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        media=media,
+        web=web,
+    )
+
+
+def _serve(args: argparse.Namespace, web: bool) -> int:
+    from vlmkit.infer.server import build_predictor, create_app, serve
+    from vlmkit.log import get_logger
+
+    config = _server_config(args, web)
+    app = create_app(build_predictor(args.model_dir, system_prompt=args.system), config)  # type: ignore[arg-type]
+    log = get_logger("vlmkit.serve")
+    log.info("serving %s on http://%s:%d (OpenAI API at /v1)", args.model_dir, args.host, args.port)
+    if web:
+        log.info("web demo: http://%s:%d/", args.host, args.port)
+    serve(app, args.host, args.port)
+    return 0
+
+
+def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("model_dir")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: directory name)")
+    p.add_argument("--system", default=None, help="system prompt added to every conversation")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    g.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="start a batch once no request came for this long"
+    )
+    g.add_argument(
+        "--batch-max-wait-ms", type=float, default=100.0, help="...or this long after its first request"
+    )
+    g.add_argument("--max-queue", type=int, default=256)
+    g.add_argument("--default-max-tokens", type=int, default=256)
+    g.add_argument("--max-tokens-limit", type=int, default=2048, help="refuse larger max_tokens")
+    g.add_argument("--max-prompt-tokens", type=int, default=4096)
+    g.add_argument("--max-images", type=int, default=8, help="images per request")
+    g.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    g.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    g.add_argument("--max-body-bytes", type=int, default=32 * 2**20)
+    g.add_argument("--request-timeout", type=float, default=300.0, help="seconds, queueing included")
+    g = p.add_argument_group("media sources (data: URLs are always accepted)")
+    g.add_argument(
+        "--allowed-local-media-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="allow local paths / file:// URLs under DIR (repeatable; symlinks resolved)",
+    )
+    g.add_argument("--allow-remote-media", action="store_true", help="allow http(s) image URLs")
+    g.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=[],
+        metavar="DOMAIN",
+        help="hosts http(s) images may come from (example.com, *.example.com)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal (/image PATH, /reset, /quit)")
+    p.add_argument("model_dir")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first turn")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=_chat)
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions) + web demo at /")
+    _add_server_options(p, 8000)
+    p.add_argument("--no-web", action="store_true", help="do not serve the web demo at /")
+    p.set_defaults(func=lambda args: _serve(args, web=not args.no_web))
+
+    p = subparsers.add_parser("web", help="the web demo (upload an image, chat, see boxes) and its API")
+    _add_server_options(p, 7860)
+    p.set_defaults(func=lambda args: _serve(args, web=True))

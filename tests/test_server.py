@@ -1,0 +1,569 @@
+"""The OpenAI-compatible server, driven by the real `openai` client against 127.0.0.1 (tiny model)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from vlmkit.config import LLMConfig
+from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
+from vlmkit.infer.media import MediaPolicy
+from vlmkit.infer.server import BatchWorker, Job, ServerConfig, ServerThread, build_predictor, create_app
+from vlmkit.models.generation import GenerationConfig
+from vlmkit.models.vlm import VisionLanguageModel
+
+from conftest import random_image, tiny_model_config
+
+
+class CountingPredictor(Predictor):
+    """The real Predictor, counting its batched `generate` calls and their sizes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_sizes: list[int] = []
+
+    def generate(self, requests, *args, **kwargs):
+        self.batch_sizes.append(len(requests))
+        return super().generate(requests, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_vlm, tmp_path_factory):
+    return tiny_vlm.save_pretrained(tmp_path_factory.mktemp("served") / "model")
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir):
+    loaded = build_predictor(model_dir)
+    return CountingPredictor(loaded.model)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    config = ServerConfig(
+        model_name="tiny",
+        max_tokens_limit=64,
+        max_images_per_request=2,
+        max_body_bytes=2_000_000,
+        max_prompt_tokens=200,
+    )
+    with ServerThread(create_app(predictor, config)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(api_key="unused", base_url=f"{server.url}/v1", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def lively():
+    """A tiny model with a large init range, so answers vary by prompt (and include partial UTF-8 tokens)."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(llm=LLMConfig(kind="tiny", hf_config={"initializer_range": 0.3}))
+    return CountingPredictor(VisionLanguageModel.from_config(cfg).eval())
+
+
+@pytest.fixture(scope="module")
+def lively_server(lively):
+    with ServerThread(create_app(lively, ServerConfig(model_name="lively"))) as srv:
+        yield srv
+
+
+@pytest.fixture
+def lively_client(lively_server):
+    return openai.OpenAI(api_key="unused", base_url=f"{lively_server.url}/v1", max_retries=0, timeout=60)
+
+
+def _data_url(seed: int = 0, size=(40, 30)) -> str:
+    buf = io.BytesIO()
+    random_image(seed, size).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _user(text: str, image_url: str | None = None) -> list[dict]:
+    content: list[dict] = [{"type": "text", "text": text}]
+    if image_url:
+        content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    return [{"role": "user", "content": content}]
+
+
+def _assert_openai_error(response: httpx.Response, status: int | None = None) -> dict:
+    assert 400 <= response.status_code < 500, response.text
+    if status is not None:
+        assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+# -------------------------------------------------------------------------------------------- basics
+
+
+def test_plain_completion_matches_the_predictor(client, predictor):
+    reply = client.chat.completions.create(model="tiny", messages=_user("Hello there"), max_tokens=7)
+    expected = predictor.chat(_user("Hello there"), max_new_tokens=7)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert (
+        reply.usage.prompt_tokens == expected.prompt_tokens == predictor.prompt_length(_user("Hello there"))
+    )
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+@pytest.mark.parametrize("fixture", ["server", "lively_server"])
+def test_streaming_chunks_add_up_to_the_plain_answer(fixture, request):
+    server = request.getfixturevalue(fixture)
+    client = openai.OpenAI(api_key="unused", base_url=f"{server.url}/v1", max_retries=0, timeout=60)
+    messages = _user("Tell me something")
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    text = "".join(pieces)
+    assert text == plain.choices[0].message.content
+    assert len(pieces) > 1  # incremental, not one final blob
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # the raw stream is SSE and ends with [DONE]
+    body = {"messages": messages, "max_tokens": 3, "stream": True}
+    raw = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_image_as_data_url(client, predictor):
+    url = _data_url(3, (64, 48))
+    reply = client.chat.completions.create(model="tiny", messages=_user("What is this?", url), max_tokens=4)
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    assert reply.usage.prompt_tokens == predictor.prompt_length(with_image, [random_image(3, (64, 48))])
+    assert reply.usage.prompt_tokens == predictor.prompt_length(with_image)  # one tile per image here
+    assert reply.usage.prompt_tokens >= predictor.model.tokens_per_image() + predictor.prompt_length(
+        _user("What is this?")
+    )
+    expected = predictor.chat(with_image, [random_image(3, (64, 48))], max_new_tokens=4)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.boxes == []  # extra field: boxes in original pixels (none here)
+
+
+def test_prompt_length_counts_anyres_tiles_from_image_sizes():
+    from vlmkit.config import ProcessorConfig
+
+    torch.manual_seed(0)
+    grid = [[64, 32], [32, 64], [64, 64]]
+    cfg = tiny_model_config(processor=ProcessorConfig(resize="anyres", anyres_grid=grid))
+    predictor = Predictor(VisionLanguageModel.from_config(cfg).eval())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+    image = random_image(0, (80, 40))
+    batch, _ = predictor.prepare([ChatRequest(messages, [image])])
+    assert predictor.num_tiles(image) == 3  # global view + a 2x1 grid
+    assert predictor.prompt_length(messages, [image]) == int(batch["attention_mask"].sum())
+    assert predictor.prompt_length(messages, [image]) > predictor.prompt_length(messages)  # 1 tile assumed
+
+
+def test_sampling_options_seed_and_stop(lively_client):
+    client = lively_client
+    kwargs = {"model": "m", "messages": _user("Count"), "max_tokens": 12, "temperature": 1.5, "top_p": 0.9}
+    first = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    again = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    other = [client.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (1, 2, 3)]
+    assert first == again  # same seed, same sample
+    assert any(o != first for o in other)  # and the seed matters
+    greedy = client.chat.completions.create(model="m", messages=_user("Count"), max_tokens=12)
+    text = greedy.choices[0].message.content
+    assert greedy.choices[0].finish_reason == "length" and len(text) > 6
+    stop = text[3:6]
+    stopped = client.chat.completions.create(model="m", messages=_user("Count"), max_tokens=12, stop=[stop])
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < greedy.usage.completion_tokens
+
+
+def test_models_health_and_openapi(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"] and "/v1/models" in schema["paths"]
+    assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_openai_client_sees_a_400_with_the_error_shape(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=_user("hi"), max_tokens=10_000)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == "max_tokens" and err.value.body["type"] == "invalid_request_error"
+    assert err.value.body["code"] == "max_tokens_exceeded"
+
+
+BAD_REQUESTS = {
+    "no messages": {"messages": []},
+    "wrong type": {"messages": "hello"},
+    "unknown role": {"messages": [{"role": "tool", "content": "x"}]},
+    "unknown part": {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+    "max_tokens 0": {"messages": _user("hi"), "max_tokens": 0},
+    "temperature": {"messages": _user("hi"), "temperature": 5},
+    "top_p": {"messages": _user("hi"), "top_p": 0},
+    "n": {"messages": _user("hi"), "n": 3},
+    "too many stops": {"messages": _user("hi"), "stop": ["a", "b", "c", "d", "e"]},
+    "empty stop": {"messages": _user("hi"), "stop": [""]},
+    "too many images": {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in range(3)],
+            }
+        ]
+    },
+    "image in assistant turn": {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": _data_url()}}]},
+            {"role": "user", "content": "and?"},
+        ]
+    },
+    "last turn assistant": {"messages": [{"role": "assistant", "content": "hi"}]},
+    "bad base64": {"messages": _user("hi", "data:image/png;base64,!!!")},
+    "not an image": {"messages": _user("hi", "data:image/png;base64," + base64.b64encode(b"hello").decode())},
+    "remote media off": {"messages": _user("hi", "http://127.0.0.1/x")},
+    "metadata url": {"messages": _user("hi", "http://169.254.169.254/latest/meta-data/")},
+    "local media off": {"messages": _user("hi", "/etc/passwd")},
+    "file url": {"messages": _user("hi", "file:///etc/passwd")},
+    "image token in text": {"messages": _user("look: <image>")},
+    "prompt too long": {"messages": _user("word " * 400)},
+    "lone surrogate": {"messages": _user("\ud800 broken")},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_requests_get_4xx_in_openai_shape(server, name):
+    body = json.dumps(BAD_REQUESTS[name]).encode()  # ASCII-escaped, so a lone surrogate survives encoding
+    headers = {"content-type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=60)
+    _assert_openai_error(response, 400)
+
+
+def test_malformed_bodies_and_routes(server):
+    url = f"{server.url}/v1/chat/completions"
+    _assert_openai_error(
+        httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    _assert_openai_error(
+        httpx.post(url, content=b"[1, 2]", headers={"content-type": "application/json"}), 400
+    )
+    _assert_openai_error(httpx.get(url), 405)
+    _assert_openai_error(httpx.get(f"{server.url}/v1/nothing"), 404)
+    big = json.dumps({"messages": _user("x" * 2_100_000)}).encode()
+    error = _assert_openai_error(
+        httpx.post(url, content=big, headers={"content-type": "application/json"}), 413
+    )
+    assert error["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 100_000
+        yield b'"}]}'
+
+    error = _assert_openai_error(
+        httpx.post(url, content=chunked(), headers={"content-type": "application/json"}), 413
+    )
+    assert error["code"] == "request_too_large"
+
+
+def test_streaming_errors_are_4xx_before_the_stream_starts(server):
+    body = {"messages": _user("look: <image>"), "stream": True}
+    _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def test_concurrent_requests_share_forward_passes(lively):
+    predictor = CountingPredictor(lively.model)
+    config = ServerConfig(batch_window_ms=300, max_batch=8)
+    prompts = [f"question number {i}" + " more" * i for i in range(6)]
+    limits = [3, 5, 7, 4, 6, 8]
+    solo = [predictor.chat(_user(p), max_new_tokens=n) for p, n in zip(prompts, limits)]
+    predictor.batch_sizes.clear()
+    with ServerThread(create_app(predictor, config)) as srv:
+        client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
+
+        def ask(i: int):
+            return client.chat.completions.create(model="m", messages=_user(prompts[i]), max_tokens=limits[i])
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            replies = list(pool.map(ask, range(len(prompts))))
+    assert sum(predictor.batch_sizes) == len(prompts)
+    assert len(predictor.batch_sizes) < len(prompts)  # fewer generate calls than requests
+    assert max(predictor.batch_sizes) > 1
+    assert len({r.choices[0].message.content for r in replies}) > 1  # distinct answers, not one row copied
+    for reply, expected, limit in zip(replies, solo, limits):  # each row keeps its own answer and budget
+        assert reply.choices[0].message.content == expected.text
+        assert reply.usage.completion_tokens == expected.completion_tokens <= limit
+
+
+def test_rows_with_different_budgets_and_stops_share_one_batch(lively):
+    predictor = Predictor(lively.model)
+    free = predictor.chat(_user("second one"), max_new_tokens=8, eos_token_ids=[-1]).text
+    stop = free[4:6]
+    requests = [
+        ChatRequest(_user("first"), config=GenerationConfig(max_new_tokens=3, eos_token_ids=[-1])),
+        ChatRequest(
+            _user("second one"),
+            config=GenerationConfig(max_new_tokens=8, eos_token_ids=[-1], stop_strings=[stop]),
+        ),
+    ]
+    deltas: dict[int, list[str]] = {0: [], 1: []}
+    results = predictor.generate(requests, on_text=lambda row, d: deltas[row].append(d))
+    assert results[0].completion_tokens == 3 and results[0].finish_reason == "length"
+    assert results[1].text == free[: free.index(stop)] and results[1].finish_reason == "stop"
+    for row, result in enumerate(results):
+        assert "".join(deltas[row]) == result.text
+    with pytest.raises(ValueError, match="sampling"):
+        predictor.generate(
+            [
+                ChatRequest(_user("a"), config=GenerationConfig(do_sample=True)),
+                ChatRequest(_user("b"), config=GenerationConfig()),
+            ]
+        )
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings(tiny_vlm):
+    tok = tiny_vlm.tokenizer
+    text = "box: héllo 😀 END tail"
+    ids = tok.encode(text, add_special_tokens=False)
+    stream = TextStream(tok, [-1], ["END"], max_new_tokens=100)
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)  # never half a character
+    assert "".join(pieces) == stream.text == "box: héllo 😀 "
+    assert stream.finish_reason == "stop" and "E" not in "".join(pieces)
+    budget = TextStream(tok, [-1], [], max_new_tokens=3, incremental=False)
+    assert [budget.push(t) for t in ids[:3]][:2] == ["", ""]  # non-incremental: text only at the end
+    assert budget.finish_reason == "length" and budget.text == tok.decode(ids[:3])
+
+
+# ------------------------------------------------------------------------------------- robustness
+
+
+class FlakyBackend:
+    """A backend whose generation fails for prompts containing "boom" and blocks for "slow" until cancelled."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def prompt_length(self, messages, images=()) -> int:
+        if "badprompt" in messages[-1]["content"][-1]["text"]:
+            raise TypeError("the tokenizer chokes")
+        return 5
+
+    def generate(self, requests, config=None, streamer=None, on_text=None, should_stop=None):
+        self.calls += 1
+        texts = [m["content"][-1]["text"] for m in (r.messages[-1] for r in requests)]
+        if any("boom" in t for t in texts):
+            raise RuntimeError("kaboom")
+        if any("slow" in t for t in texts):
+            while not all(should_stop(i) for i in range(len(requests))):
+                time.sleep(0.01)
+        return [ChatResult(f"echo {t}", [1], 5, 1, "stop", []) for t in texts]
+
+
+def test_failing_or_slow_generation_does_not_kill_the_worker():
+    backend = FlakyBackend()
+    config = ServerConfig(request_timeout_s=1.0, batch_window_ms=200)
+    with ServerThread(create_app(backend, config)) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+
+        def post(text: str) -> httpx.Response:
+            return httpx.post(url, json={"messages": _user(text)}, timeout=30)
+
+        with ThreadPoolExecutor(3) as pool:  # bad requests batched with a good one
+            bad, unreadable, good = pool.map(post, ["boom", "badprompt", "fine"])
+        assert _assert_openai_error(bad, 400)["code"] == "generation_failed"
+        assert _assert_openai_error(unreadable, 400)["code"] == "invalid_prompt"
+        assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] == "echo fine"
+        assert backend.calls >= 2  # the failed batch was retried request by request
+        timed_out = post("slow")
+        assert _assert_openai_error(timed_out, 408)["code"] == "request_timeout"
+        after = post("still alive?")
+        assert (
+            after.status_code == 200
+            and after.json()["choices"][0]["message"]["content"] == "echo still alive?"
+        )
+        assert httpx.get(f"{srv.url}/health").json()["status"] == "ok"
+
+
+def test_a_failure_after_the_stream_started_ends_it_with_an_error_event():
+    with ServerThread(create_app(FlakyBackend(), ServerConfig())) as srv:
+        body = {"messages": _user("boom"), "stream": True}
+        response = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30)
+    events = [e[len("data: ") :] for e in response.text.split("\n\n") if e]
+    assert response.status_code == 200 and events[-1] == "[DONE]"  # headers were already sent
+    error = json.loads(events[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "generation_failed"
+
+
+def test_stream_client_disconnect_cancels_the_row():
+    backend = FlakyBackend()
+    with ServerThread(create_app(backend, ServerConfig(request_timeout_s=30))) as srv:
+        body = {"messages": _user("slow"), "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+        deadline = time.monotonic() + 10  # the worker notices the cancellation and serves the next request
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": _user("next")}, timeout=15)
+        assert time.monotonic() < deadline
+        assert reply.json()["choices"][0]["message"]["content"] == "echo next"
+
+
+def test_a_forming_batch_waits_for_requests_still_being_admitted():
+    backend = FlakyBackend()
+    config = ServerConfig(batch_window_ms=20, batch_max_wait_ms=2000)
+    worker = BatchWorker(backend, config)
+    events: list[tuple] = []
+
+    def job(text: str) -> Job:
+        return Job(ChatRequest(_user(text)), GenerationConfig(), events.append)
+
+    worker.start()
+    try:
+        with worker.admitting():  # a second request is still loading its images...
+            worker.submit(job("first"))
+            time.sleep(0.3)  # ...for much longer than the window
+            worker.submit(job("second"))
+        _wait_for(lambda: sum(e[0] == "done" for e in events) == 2)
+        assert backend.calls == 1  # one batch for both
+
+        worker.submit(job("third"))  # nothing being admitted: a late request gets its own batch
+        time.sleep(0.3)
+        worker.submit(job("fourth"))
+        _wait_for(lambda: sum(e[0] == "done" for e in events) == 4)
+        assert backend.calls == 3
+    finally:
+        worker.stop()
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_queue_limit_answers_429():
+    gate = threading.Event()
+
+    class Blocking(FlakyBackend):
+        def generate(self, requests, *args, **kwargs):
+            gate.wait(10)
+            return super().generate(requests, *args, **kwargs)
+
+    config = ServerConfig(max_queue=1, max_batch=1, batch_window_ms=0)
+    with ServerThread(create_app(Blocking(), config)) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(httpx.post, url, json={"messages": _user(f"q{i}")}, timeout=30) for i in range(4)
+            ]
+            time.sleep(1.0)
+            gate.set()
+            statuses = sorted(f.result().status_code for f in futures)
+    assert 429 in statuses and 200 in statuses
+    assert all(s in (200, 429) for s in statuses)
+
+
+def test_media_policy_reaches_the_server(tmp_path, tiny_vlm):
+    (tmp_path / "media").mkdir()
+    random_image(5, (50, 20)).save(tmp_path / "media" / "a.png")
+    (tmp_path / "outside.png").write_bytes((tmp_path / "media" / "a.png").read_bytes())
+    config = ServerConfig(media=MediaPolicy(allowed_local_paths=[tmp_path / "media"]))
+    with ServerThread(create_app(Predictor(tiny_vlm), config)) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        ok = httpx.post(
+            url, json={"messages": _user("hi", f"file://{tmp_path}/media/a.png"), "max_tokens": 2}, timeout=60
+        )
+        assert ok.status_code == 200, ok.text
+        for ref in (f"{tmp_path}/media/../outside.png", f"file://{tmp_path}/outside.png"):
+            refused = httpx.post(url, json={"messages": _user("hi", ref)}, timeout=60)
+            assert _assert_openai_error(refused, 400)["code"] == "local_media_refused"
+
+
+def test_sampled_and_greedy_requests_are_grouped(tiny_vlm):
+    predictor = CountingPredictor(tiny_vlm)
+    with ServerThread(create_app(predictor, ServerConfig(batch_window_ms=300))) as srv:
+        client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
+        settings = [{}, {}, {"temperature": 0.8}, {"temperature": 0.8}]
+
+        def ask(kw):
+            return client.chat.completions.create(model="m", messages=_user("hi"), max_tokens=3, **kw)
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(ask, settings))
+    assert all(r.usage.completion_tokens >= 1 for r in replies)
+    assert sum(predictor.batch_sizes) == 4 and len(predictor.batch_sizes) <= 3
+    torch.manual_seed(0)  # leave global RNG state predictable for other tests
+
+
+def test_serve_command_line_maps_onto_the_server_config(tmp_path):
+    from vlmkit.cli import build_parser
+    from vlmkit.cli.serve_cmds import _server_config
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            str(tmp_path / "my-model"),
+            "--port",
+            "9001",
+            "--max-batch",
+            "4",
+            "--batch-window-ms",
+            "5",
+            "--allowed-local-media-path",
+            str(tmp_path),
+            "--allow-remote-media",
+            "--allowed-media-domains",
+            "example.com",
+            "*.cdn.example",
+            "--max-tokens-limit",
+            "100",
+            "--no-web",
+        ]
+    )
+    config = _server_config(args, web=not args.no_web)
+    assert (args.host, args.port) == ("127.0.0.1", 9001)  # loopback unless asked otherwise
+    assert config.model_name == "my-model" and config.max_batch == 4 and config.batch_window_ms == 5
+    assert config.max_tokens_limit == 100 and config.default_max_tokens == 100 and not config.web
+    assert config.media.allow_remote and config.media.allowed_domains == ["example.com", "*.cdn.example"]
+    assert config.media.allowed_local_paths == [tmp_path]
+    defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
+    assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
+    with pytest.raises(SystemExit):  # domains without --allow-remote-media is a mistake, not a silent no-op
+        _server_config(
+            build_parser().parse_args(["serve", "m", "--allowed-media-domains", "a.com"]), web=True
+        )

@@ -309,3 +309,21 @@ def test_small_vit_contract() -> None:
         assert keep(torch.randn(1, 3, 32, 32)).shape[1] == keep.num_patches() == 17
     assert keep.grid_size() == 4
     assert tower.transform(random_image(5)).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("model_type", ["dinov2", "clip_vision_model", "siglip_vision_model"])
+def test_hf_tower_runs_at_a_set_resolution(model_type):
+    import copy
+
+    from vlmkit.config import VisionConfig as VC
+
+    base = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "image_size": 32, "patch_size": 8}
+    cfg = VC(kind="hf", hf_config={"model_type": model_type, **base}, resolution=48)
+    tower = build_vision_tower(copy.deepcopy(cfg))
+    assert tower.image_size == 48 and tower.num_patches() == 36
+    img = Image.new("RGB", (50, 40), (200, 10, 10))
+    pixels = tower.transform(img)
+    assert pixels.shape == (3, 48, 48)
+    out = tower(pixels[None])
+    assert out.shape == (1, 36, 32)

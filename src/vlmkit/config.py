@@ -49,6 +49,7 @@ class VisionConfig:
     select_layer: int = -2
     drop_prefix_tokens: bool = True
     image_size: int = 64
+    resolution: int | None = None  # `hf` towers: input size if not the checkpoint's own (positions interpolated)
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     vit: ViTConfig = field(default_factory=ViTConfig)

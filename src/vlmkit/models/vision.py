@@ -273,7 +273,7 @@ class HFVisionTower(VisionTower):
     DINOv2-with-registers, none for SigLIP; inferred once by a dry run for other model types).
 
     `image_size` and `patch_size` come from the HF config (`cfg.image_size` is used only when the HF config has
-    no `image_size`). `image_mean` / `image_std` come from, in order: the HF config, the checkpoint's
+    no `image_size`); `cfg.resolution` overrides the input size (position embeddings interpolated). `image_mean` / `image_std` come from, in order: the HF config, the checkpoint's
     preprocessor_config.json, the model type's released normalization, `cfg.image_mean` / `cfg.image_std`;
     they are then written onto `self.model.config` so `hf_config_dict()` rebuilds the same transform.
     """
@@ -290,7 +290,9 @@ class HFVisionTower(VisionTower):
                 "patch_size / hidden_size)"
             )
         self.patch_size = _first_int(config.patch_size)
-        self.image_size = _first_int(getattr(config, "image_size", None) or cfg.image_size)
+        native = _first_int(getattr(config, "image_size", None) or cfg.image_size)
+        self.native_size = native
+        self.image_size = cfg.resolution or native  # a set resolution runs with interpolated positions
         self.feature_dim = int(config.hidden_size)
         self.image_mean, self.image_std = self._normalization(cfg)
         config.image_mean, config.image_std = list(self.image_mean), list(self.image_std)
@@ -340,7 +342,7 @@ class HFVisionTower(VisionTower):
     def _hidden_states(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """pixels [B, 3, S, S] -> (embeddings, layer_1, ..., layer_L), each [B, P+N, D]."""
         kwargs: dict[str, Any] = {"output_hidden_states": True}
-        if self._interpolates and pixels.shape[-1] != self.image_size:
+        if self._interpolates and pixels.shape[-1] != self.native_size:
             kwargs["interpolate_pos_encoding"] = True
         dtype = next(self.model.parameters()).dtype
         return self.model(pixel_values=pixels.to(dtype), **kwargs).hidden_states

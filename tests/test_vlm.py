@@ -162,3 +162,26 @@ def test_save_and_load_round_trip(tiny_vlm, tmp_path):
 def test_from_pretrained_errors_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vlmkit model directory"):
         VisionLanguageModel.from_pretrained(tmp_path)
+
+
+def test_labelled_positions_loss_equals_full_loss_and_gradients():
+    from vlmkit.config import LoRAConfig, StageConfig
+    from vlmkit.train.stages import apply_stage
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(tiny_model_config())
+    apply_stage(model, StageConfig(name="i", preset="instruct", lora=LoRAConfig(r=4, dropout=0.0)))
+    batch = _batch(model, (1, 0))
+    labels = batch["input_ids"].clone()
+    labels[:, :8] = IGNORE_INDEX
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    full = model(**batch, labels=labels)
+    fast = model(**batch, labels=labels, return_logits=False)
+    assert fast.logits is None and torch.allclose(fast.loss, full.loss, atol=1e-6)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fast.loss.backward()
+    assert grads and all(
+        torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in model.named_parameters() if n in grads
+    )

@@ -151,10 +151,26 @@ class LanguageModel(nn.Module):
         return self.embeddings(input_ids)
 
     @property
+    def decoder(self) -> nn.Module:
+        """The base transformer (embeddings + blocks + final norm) without the LM head."""
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def plain_lm_head(self) -> bool:
+        """True when logits are exactly `lm_head(last hidden state)` (no soft-capping or scaling)."""
+        cfg = self.model.config
+        return not any(
+            getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+
+    @property
     def layers(self) -> nn.ModuleList:
         """The decoder blocks (Llama/Qwen/Mistral-style `model.model.layers`)."""
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
-        return decoder.layers
+        return self.decoder.layers
 
     @property
     def block_cls(self) -> tuple[type[nn.Module], ...]:

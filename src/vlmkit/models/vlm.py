@@ -36,7 +36,7 @@ class ImageTokenMismatchError(ValueError):
 
 @dataclasses.dataclass
 class VLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V] (None when the loss was computed at labelled positions only)
     loss: torch.Tensor | None = None
     past_key_values: Any = None
 
@@ -119,9 +119,14 @@ class VisionLanguageModel(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         vision_features: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> VLMOutput:
         """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order (or
-        `vision_features` [I, N, Dv], a frozen tower's cached output)."""
+        `vision_features` [I, N, Dv], a frozen tower's cached output).
+
+        With labels and `return_logits=False` (training), the LM head runs only where a label is set: the same
+        loss without the [B, T, vocab] logits.
+        """
         embeds = self.llm.embed(input_ids)  # [B, T, D]
         visual = None
         if vision_features is not None and len(vision_features):
@@ -129,15 +134,22 @@ class VisionLanguageModel(nn.Module):
         elif pixel_values is not None and len(pixel_values):
             visual = self.encode_images(pixel_values)
         embeds = self._merge(input_ids, embeds, visual, image_counts, sample_ids)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        if self.fusion is not None:
-            self.fusion.clear()
+        try:
+            if labels is not None and not return_logits and not use_cache and self.llm.plain_lm_head:
+                hidden = self.llm.decoder(
+                    inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+                ).last_hidden_state  # [B, T, D]
+                return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head))
+            out = self.llm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        finally:
+            if self.fusion is not None:
+                self.fusion.clear()
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
 
@@ -362,6 +374,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+def labelled_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """`causal_lm_loss` computed from hidden states [B, T, D], running the LM head only at positions whose
+    next-token label is set (equal to the full computation; far cheaper for large vocabularies)."""
+    target = labels[:, 1:]  # [B, T-1]
+    keep = target != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][keep]).float()  # [K, V]
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits, target[keep])
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:

@@ -234,7 +234,7 @@ class Trainer:
                     )
                     sync = micro == stage.grad_accum - 1
                     with self.strategy.no_sync(wrapped, sync), autocast:
-                        out = wrapped(**batch)
+                        out = wrapped(**batch, return_logits=False)
                     (out.loss / stage.grad_accum).backward()
                     loss_sum += float(out.loss.detach())
                     tokens += int(
@@ -303,7 +303,7 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         with torch.no_grad(), autocast:
             for batch in batches:
-                out = model(**batch)
+                out = model(**batch, return_logits=False)
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 total_loss += float(out.loss) * n
                 total_tokens += n

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vlmkit demo --out runs/demo
+	$(BIN)/vlmkit quickstart --out runs/quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -32,7 +32,8 @@ from vlmkit.train.trainer import seed_everything, stage_dir
 from conftest import TINY_TOWERS, random_image, tiny_model_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BASE_RECIPES = {"tiny.yaml", "default.yaml"}  # not paper recipes: covered by test_train / the embedded LLM
+BASE_RECIPES = {"tiny.yaml", "default.yaml", "quickstart.yaml", "quickstart-tiny.yaml"}  # not paper recipes:
+# covered by test_train, test_quickstart and the embedded-LLM tests
 RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in BASE_RECIPES)
 
 # What each paper trains, stage by stage: exactly these module prefixes change, everything else stays bitwise.

@@ -230,7 +230,7 @@ class TrainConfig:
     """Run-wide training settings."""
 
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where the hardware supports it) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 where the hardware supports it: CUDA, or CPUs with AVX512-BF16/AMX) | bf16 | fp32
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only
@@ -252,6 +252,9 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[StageConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # contrastive pretraining of a `vit` tower before the stages (`vlmkit pretrain-vision` settings;
+    # validated against PretrainVisionConfig when training starts); None: no pretraining
+    pretrain_vision: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------- generic io

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "vlmkit.cli.train_cmds",
     "vlmkit.cli.pretrain_cmds",
     "vlmkit.cli.eval_cmds",
+    "vlmkit.cli.quickstart_cmds",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Model subcommands: `vlmkit demo`, `info`, `export-hf`, `import-hf`."""
+"""Model subcommands: `vlmkit info`, `export-hf`, `import-hf`."""
 
 from __future__ import annotations
 
@@ -55,13 +55,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from vlmkit.demo import run_demo
-
-    run_demo(args.out, config=args.config, overrides=args.set, steps=args.steps)
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export-hf", help="export a vlmkit model to transformers Llava (and vLLM)")
     p.add_argument("model_dir")
@@ -79,10 +72,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="recipe YAML or saved model directory")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=_info)
-
-    p = subparsers.add_parser("demo", help="end-to-end demo on the embedded default model")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--config", default=None, help="recipe YAML (default: the embedded default)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=30, help="alignment steps")
-    p.set_defaults(func=_demo)

@@ -18,6 +18,7 @@ from vlmkit.data.images import AnyResLayout, ImageTransform, anyres_layout, squa
 from vlmkit.data.prompts import render_prompt
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel, truncate_at_stop
+from vlmkit.precision import autocast_context
 
 
 @dataclass
@@ -147,9 +148,12 @@ class Predictor:
         resize: str | None = None,
         system_prompt: str | None = None,
         grounding_format: str | None = None,
+        precision: str = "fp32",
     ) -> None:
-        """Settings default to the model's saved `processor` config (what it was trained with)."""
+        """Settings default to the model's saved `processor` config (what it was trained with); `precision`
+        `auto` decodes under bf16 autocast where the hardware supports it (about 2x faster on such CPUs)."""
         proc = model.cfg.processor
+        self.precision = precision
         self.model = model.eval()
         self.template = template or proc.template
         self.resize = resize or proc.resize
@@ -300,7 +304,8 @@ class Predictor:
         """Run the model's decode loop on a prepared batch, feeding every step's tokens [B] to `streamer`."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        self.model.generate(**batch, config=config, streamer=streamer)
+        with autocast_context(self.precision, device.type):
+            self.model.generate(**batch, config=config, streamer=streamer)
 
     def boxes(
         self, text: str, transforms: Sequence[ImageTransform], image: int = 0

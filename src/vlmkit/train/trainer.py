@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 from vlmkit.config import RecipeConfig, StageConfig, save_yaml
 from vlmkit.log import get_logger
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.precision import autocast_context
 from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from vlmkit.train.metrics import MetricsLog, plot_run
 from vlmkit.train.schedule import build_scheduler
@@ -85,12 +86,15 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.metrics: MetricsLog | None = None
         self._given_model = model
+        self._pretrain_cfg = _pretrain_config(recipe)  # fails on a mistyped key before any work
 
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         """Train every stage; returns the directory of the final model (`RUN_DIR/model`)."""
         try:
             progress = self._start()
+            if progress.stage_index == 0:
+                self._pretrain_vision()
             given, self._given_model = self._given_model, None
             first = self.recipe.stages[progress.stage_index]
             if given is not None and progress.stage_index == 0 and not first.init_from:
@@ -163,6 +167,26 @@ class Trainer:
         return max((r.get("step", 0) for r in rows), default=0)
 
     # ----------------------------------------------------------------------------------------- model
+    def _pretrain_vision(self) -> None:
+        """Contrastive tower pretraining (once per run directory); the stages then start from its weights."""
+        if self._pretrain_cfg is None:
+            return
+        from vlmkit.train.data import prepare_data
+        from vlmkit.train.pretrain_vision import pretrain_vision
+
+        out = self.out / "vision-pretrain"
+        if self.strategy.is_main and not (out / "vision.safetensors").is_file():
+            cfg = self._pretrain_cfg
+            if cfg.data is None:
+                data = prepare_data(self.recipe.data, self.out)
+                cfg = dataclasses.replace(cfg, data=data.train, image_root=cfg.image_root or data.image_root)
+            log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
+            pretrain_vision(cfg, out)
+        self.strategy.barrier()
+        self.recipe.model.vision.path = str(out)
+        if self._given_model is not None:
+            self._given_model.vision.load_weights(out)
+
     def _model_for_stage(self, index: int) -> VisionLanguageModel:
         """Stage 0: `init_from` or the recipe's model; later stages: the previous stage's saved model."""
         stage = self.recipe.stages[index]
@@ -218,12 +242,13 @@ class Trainer:
             stage.grad_accum,
             data.num_samples,
         )
-        autocast = _autocast(cfg.precision)
+        autocast = autocast_context(cfg.precision)
         bar = _progress_bar(self.strategy.is_main)
         task = bar.add_task(
             stage.name, total=total, completed=progress.stage_step, loss=float("nan"), lr=0.0, tps=0.0
         )
         window_start, window_tokens = time.perf_counter(), 0
+        first_step = progress.stage_step
         with bar:
             while progress.stage_step < total:
                 model.train()
@@ -270,6 +295,13 @@ class Trainer:
                 ):
                     self.metrics.write(record)
                 bar.update(task, advance=1, loss=loss, lr=lr, tps=record["tokens_per_s"])
+                if not bar.console.is_terminal and self.strategy.is_main and (
+                    progress.stage_step % max(1, total // 20) == 0 or progress.stage_step == total
+                ):  # no live bar (CI, nohup): a log line every 5% instead
+                    done = progress.stage_step - first_step
+                    eta = elapsed / max(done, 1) * (total - progress.stage_step)
+                    log.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0f s", stage.name,
+                             progress.stage_step, total, loss, lr, record["tokens_per_s"], eta)
                 if (
                     cfg.eval_every
                     and progress.stage_step % cfg.eval_every == 0
@@ -346,6 +378,22 @@ class Trainer:
             shutil.rmtree(self.ckpt_root)
 
 
+def _pretrain_config(recipe: RecipeConfig) -> Any:
+    """The recipe's `pretrain_vision` section as a validated PretrainVisionConfig on the recipe's tower."""
+    if recipe.pretrain_vision is None:
+        return None
+    from vlmkit.config import from_dict
+    from vlmkit.train.pretrain_vision import PretrainVisionConfig
+
+    if recipe.model.vision.kind != "vit":
+        raise ValueError(
+            f"pretrain_vision trains the project's `vit` tower, not '{recipe.model.vision.kind}'"
+        )
+    cfg = from_dict(PretrainVisionConfig, dict(recipe.pretrain_vision), "pretrain_vision")
+    vision = dataclasses.replace(recipe.model.vision, path=None)
+    return dataclasses.replace(cfg, vision=vision)
+
+
 def record_processor(model: VisionLanguageModel, recipe: RecipeConfig) -> None:
     """Copy the data settings that shape prompts and images into the model config (saved with the model)."""
     data, proc = recipe.data, model.cfg.processor
@@ -353,18 +401,6 @@ def record_processor(model: VisionLanguageModel, recipe: RecipeConfig) -> None:
     proc.resize, proc.anyres_grid = data.resize, [list(x) for x in data.anyres_grid]
     if data.synthetic is not None:
         proc.grounding_format = data.synthetic.grounding_format
-
-
-def _autocast(precision: str):
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision '{precision}' is not one of auto, bf16, fp32")
-    if precision == "fp32":
-        return nullcontext()
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:

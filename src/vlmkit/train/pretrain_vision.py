@@ -1,0 +1,975 @@
+"""CLIP-style contrastive pretraining of the small ViT on image–text pairs, with a cheap linear-probe check."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vlmkit.config import VisionConfig, from_dict, save_yaml, to_dict
+from vlmkit.log import get_logger
+from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
+
+log = get_logger(__name__)
+
+TEXT_WEIGHTS = "text_encoder.safetensors"
+META_FILE = "pretrain_vision.json"
+VISION_CONFIG_FILE = "vision_config.json"
+METRICS_FILE = "metrics.json"
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@dataclass
+class TextEncoderConfig:
+    """Word-level transformer text encoder (sees word order; CLS pooling)."""
+
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    max_len: int = 40
+
+
+@dataclass
+class PretrainVisionConfig:
+    """Contrastive image–text pretraining of a `SmallViT` (`vlmkit pretrain-vision`).
+
+    Stops after `steps` optimizer steps or `max_seconds` of training, whichever comes first (0: no limit of
+    that kind); the cosine schedule follows whichever limit is nearer. Records holding ShapesWorld-style
+    `meta.objects` ({color, shape, box}) also get positional/count caption variants (`text_forms`),
+    attribute-binding hard negatives (`hard_negatives` per image) and per-patch label heads on the
+    `select_layer` features (`dense_weight`: color, shape and the object's box for every patch), and are
+    mirrored left-right at random (`hflip`; their texts and labels are mirrored too; others never are).
+    """
+
+    data: str | None = None
+    image_root: str | None = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = 128
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    max_seconds: float = 90.0
+    steps: int = 0
+    contrastive_weight: float = 1.0
+    hard_negatives: int = 3
+    text_forms: bool = True
+    hflip: bool = True
+    dense_weight: float = 1.0
+    max_pairs: int = 0
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 50
+
+
+# -------------------------------------------------------------------------------------------------- data
+@dataclass
+class PairData:
+    """Image–text pairs in memory; `objects[i]` is the scene's object list (boxes in tower pixels) or None."""
+
+    pixels: torch.Tensor  # [N, 3, S, S], normalized for the tower
+    captions: list[str]
+    objects: list[list[dict[str, Any]] | None]
+    images: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _caption_of(record: dict[str, Any], index: int) -> tuple[str, str] | None:
+    """(image ref, caption) of a caption pair, a `task: caption` record, or a one-image conversation."""
+    from vlmkit.data.formats import SampleError, parse_record
+
+    if isinstance(record.get("caption"), str) and isinstance(record.get("image"), str):
+        return record["image"], record["caption"]
+    if "task" in record and record["task"] != "caption":
+        return None
+    try:
+        sample = parse_record(record, index=index, caption_instructions=())
+    except SampleError:
+        return None
+    replies = [m.text.strip() for m in sample.messages if m.role == "assistant" and m.text.strip()]
+    if len(sample.images) != 1 or not replies:
+        return None
+    return sample.images[0], replies[0]
+
+
+def _scaled_objects(record: dict[str, Any], image_size: int) -> list[dict[str, Any]] | None:
+    """`meta.objects` with boxes rescaled to the tower's square image (None when absent or malformed)."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    objects = meta.get("objects", record.get("objects"))
+    if not isinstance(objects, list) or not objects:
+        return None
+    width, height = meta.get("width", image_size), meta.get("height", image_size)
+    out = []
+    for o in objects:
+        if not (isinstance(o, dict) and {"color", "shape", "box"} <= o.keys() and len(o["box"]) == 4):
+            return None
+        x1, y1, x2, y2 = (float(v) for v in o["box"])
+        sx, sy = image_size / float(width), image_size / float(height)
+        out.append(
+            {"color": str(o["color"]), "shape": str(o["shape"]), "box": (x1 * sx, y1 * sy, x2 * sx, y2 * sy)}
+        )
+    return out
+
+
+def load_pairs(
+    path: str | Path, vision: VisionConfig, image_root: str | Path | None = None, max_pairs: int = 0
+) -> PairData:
+    """Read caption JSONL / LLaVA JSON (for ShapesWorld: its `caption` records) into tensors, one per image."""
+    from vlmkit.data.formats import read_records
+    from vlmkit.data.images import load_image, to_tensor
+
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    size = vision.image_size
+    seen: set[str] = set()
+    pixels: list[torch.Tensor] = []
+    data = PairData(torch.empty(0), [], [], [])
+    for index, record in read_records(path):
+        if isinstance(record, Exception):
+            continue
+        pair = _caption_of(record, index)
+        if pair is None or pair[0] in seen:
+            continue
+        ref, caption = pair
+        seen.add(ref)
+        file = Path(ref) if Path(ref).is_absolute() else root / ref
+        image = load_image(file)
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)  # as SmallViT.transform
+        pixels.append(to_tensor(image, vision.image_mean, vision.image_std))  # [3, S, S]
+        data.captions.append(caption)
+        data.objects.append(_scaled_objects(record, size))
+        data.images.append(ref)
+        if max_pairs and len(pixels) >= max_pairs:
+            break
+    if not pixels:
+        raise ValueError(f"{path}: no image–caption pairs found (caption JSONL, LLaVA JSON or task=caption)")
+    data.pixels = torch.stack(pixels)  # [N, 3, S, S]
+    return data
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks."""
+    return _WORD.findall(text.lower())
+
+
+class WordTokenizer:
+    """Word-level vocabulary built from the training texts; id 0 pads, 1 is unknown, 2 is the CLS token."""
+
+    PAD, UNK, CLS = 0, 1, 2
+    SPECIALS = ("<pad>", "<unk>", "<cls>")
+
+    def __init__(self, vocab: Sequence[str]) -> None:
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def build(cls, texts: Sequence[str], max_size: int = 30000) -> WordTokenizer:
+        counts = Counter(w for t in texts for w in words(t))
+        kept = sorted(counts, key=lambda w: (-counts[w], w))[: max_size - len(cls.SPECIALS)]
+        return cls([*cls.SPECIALS, *kept])
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, texts: Sequence[str], max_len: int) -> torch.Tensor:
+        """Texts -> ids [B, L] (CLS first, right-padded, truncated to `max_len`)."""
+        rows = [[self.CLS, *(self.index.get(w, self.UNK) for w in words(t))][:max_len] for t in texts]
+        ids = torch.full((len(rows), max(len(r) for r in rows)), self.PAD, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids
+
+
+# ------------------------------------------------------------------------------------------------ models
+class TextEncoder(nn.Module):
+    """Word embeddings + learned positions -> pre-norm transformer -> CLS state -> projection."""
+
+    def __init__(self, vocab_size: int, cfg: TextEncoderConfig, out_dim: int) -> None:
+        super().__init__()
+        self.max_len = cfg.max_len
+        self.embed = nn.Embedding(vocab_size, cfg.dim, padding_idx=WordTokenizer.PAD)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, cfg.dim) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                cfg.dim,
+                cfg.heads,
+                4 * cfg.dim,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj = nn.Linear(cfg.dim, out_dim, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)  # words and positions on one scale (GPT-2 style)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> embeddings [B, E] (not normalized)."""
+        x = self.embed(ids) + self.pos[:, : ids.shape[1]]  # [B, L, Dt]
+        pad = ids == WordTokenizer.PAD  # [B, L]
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        return self.proj(self.norm(x[:, 0]))  # [B, E]
+
+
+class ContrastiveModel(nn.Module):
+    """The tower, a text encoder and the heads trained with it; only `tower` is kept for the VLM."""
+
+    def __init__(
+        self,
+        vision: VisionConfig,
+        tokenizer: WordTokenizer,
+        text: TextEncoderConfig,
+        embed_dim: int,
+        colors: Sequence[str] = (),
+        shapes: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.tower = SmallViT(vision)
+        self.tokenizer = tokenizer
+        self.text_cfg = text
+        self.colors, self.shapes = list(colors), list(shapes)
+        dim = self.tower.feature_dim
+        self.image_proj = nn.Linear(dim, embed_dim, bias=False)
+        self.text = TextEncoder(len(tokenizer), text, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # per patch: background + colors, background + shapes, box (x1, y1, x2, y2) / image size
+        self.dense = nn.Sequential(
+            nn.LayerNorm(dim), nn.Linear(dim, len(self.colors) + len(self.shapes) + 2 + 4)
+        )
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels [B, 3, S, S] -> (unit embeddings [B, E], patch features at `select_layer` [B, G*G, D])."""
+        states = self.tower.hidden_states(pixels)
+        final = states[-1]  # [B, P+G*G, D]
+        pooled = final[:, 0] if self.tower.cls is not None else final.mean(dim=1)  # [B, D]
+        patches = states[self.tower.select_layer][:, self.tower.num_prefix :]  # [B, G*G, D]
+        return F.normalize(self.image_proj(pooled), dim=-1), patches
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> unit embeddings [T, E]."""
+        device = self.logit_scale.device
+        ids = self.tokenizer.encode(texts, self.text_cfg.max_len).to(device)  # [T, L]
+        return F.normalize(self.text(ids), dim=-1)
+
+    def dense_logits(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """patches [B, N, D] -> color logits [B, N, C+1], shape logits [B, N, K+1], boxes [B, N, 4] in 0..1."""
+        out = self.dense(patches)
+        c, k = len(self.colors) + 1, len(self.shapes) + 1
+        return out[..., :c], out[..., c : c + k], out[..., c + k :].sigmoid()
+
+
+# --------------------------------------------------------------------------------- texts and hard negatives
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+FORMS = ("caption", "position", "shuffled", "count")
+_WHERE = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+
+
+def _article(phrase: str) -> str:
+    return f"an {phrase}" if phrase[0] in "aeiou" else f"a {phrase}"
+
+
+def _where(box: Sequence[float], size: int) -> str:
+    """'top left', 'bottom', 'center', ... from the box center on a 3x3 grid of the image."""
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return " ".join(p for p in (row, col) if p) or "center"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+@dataclass(frozen=True)
+class _Item:
+    color: str
+    shape: str
+    where: str
+
+
+def render_text(items: Sequence[_Item], form: str) -> str:
+    """One description of a scene; `items` in left-to-right order except for the `shuffled` form."""
+    if form == "caption":
+        return _join([_article(f"{o.color} {o.shape}") for o in items]) + "."
+    body = _join([f"{_article(f'{o.color} {o.shape}')} at the {o.where}" for o in items]) + "."
+    if form == "count":
+        n = len(items)
+        count = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+        return f"{count} object{'s' if n != 1 else ''}: " + render_text(items, "caption")
+    return body  # position / shuffled (the caller orders the items)
+
+
+def _perturb(
+    items: list[_Item], rng: random.Random, colors: Sequence[str], shapes: Sequence[str]
+) -> list[_Item]:
+    """A scene description that differs from `items` in attribute binding, position, an attribute or count."""
+    n = len(items)
+    kinds = (
+        ["color", "shape"] + (["swap_color", "swap_shape", "swap_where", "drop"] if n > 1 else []) + ["add"]
+    )
+    kind = rng.choice(kinds)
+    out = list(items)
+    if kind in ("swap_color", "swap_shape", "swap_where"):
+        i, j = rng.sample(range(n), 2)
+        attr = kind.split("_")[1]
+        a, b = getattr(out[i], attr), getattr(out[j], attr)
+        out[i], out[j] = replace(out[i], **{attr: b}), replace(out[j], **{attr: a})
+        if attr == "where":  # in order-based forms the position is the order: swap the items too
+            out[i], out[j] = out[j], out[i]
+    elif kind in ("color", "shape"):
+        i = rng.randrange(n)
+        pool = [v for v in (colors if kind == "color" else shapes) if v != getattr(out[i], kind)]
+        if pool:
+            out[i] = replace(out[i], **{kind: rng.choice(pool)})
+    elif kind == "drop":
+        out.pop(rng.randrange(n))
+    else:
+        color = rng.choice(list(colors) or [items[0].color])
+        shape = rng.choice(list(shapes) or [items[0].shape])
+        out.insert(rng.randrange(n + 1), _Item(color, shape, rng.choice(_WHERE)))
+    return out
+
+
+def _swap_words(text: str, rng: random.Random) -> str:
+    """Generic word-order negative for captions without object metadata: swap two different content words."""
+    tokens = text.split()
+    idx = [i for i, t in enumerate(tokens) if len(t.strip(".,;:!?")) > 2]
+    for _ in range(8):
+        if len(idx) < 2:
+            break
+        i, j = rng.sample(idx, 2)
+        if tokens[i].lower() != tokens[j].lower():
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+            return " ".join(tokens)
+    return text + " " + rng.choice(["not", "no", "none"])
+
+
+def mirror(objects: Sequence[dict[str, Any]], image_size: int) -> list[dict[str, Any]]:
+    """Objects of the left-right mirrored image."""
+    return [
+        {**o, "box": (image_size - o["box"][2], o["box"][1], image_size - o["box"][0], o["box"][3])}
+        for o in objects
+    ]
+
+
+def _items(objects: Sequence[dict[str, Any]], image_size: int) -> list[_Item]:
+    """Objects left to right (then top to bottom) as described items."""
+    ordered = sorted(
+        objects, key=lambda o: ((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2)
+    )
+    return [_Item(o["color"], o["shape"], _where(o["box"], image_size)) for o in ordered]
+
+
+class TextSampler:
+    """Positive texts and hard negatives per image, from `meta.objects` when present."""
+
+    def __init__(
+        self, data: PairData, image_size: int, forms: bool, colors: Sequence[str], shapes: Sequence[str]
+    ):
+        self.data, self.forms = data, forms
+        self.colors, self.shapes = list(colors), list(shapes)
+        self.items: list[list[_Item] | None] = [_items(o, image_size) if o else None for o in data.objects]
+        self.mirrored: list[list[_Item] | None] = [
+            _items(mirror(o, image_size), image_size) if o else None for o in data.objects
+        ]
+
+    def vocabulary_texts(self) -> list[str]:
+        """Texts covering every word the sampler can produce (for the tokenizer)."""
+        extra = [f"{n} objects: object at the top left top right bottom center" for n in _NUMBERS]
+        extra += [" ".join(self.colors), " ".join(self.shapes)]
+        return list(self.data.captions) + extra
+
+    def sample(
+        self, i: int, num_negatives: int, rng: random.Random, form: str | None = None, flipped: bool = False
+    ) -> tuple[str, list[str]]:
+        """(positive text, `num_negatives` negative texts) for image i (mirrored left-right if `flipped`)."""
+        items = self.mirrored[i] if flipped else self.items[i]
+        if items is None:
+            caption = self.data.captions[i]
+            return caption, [_swap_words(caption, rng) for _ in range(num_negatives)]
+        form = form or (rng.choice(FORMS) if self.forms else "caption")
+        items = list(items)
+        if form == "shuffled":
+            rng.shuffle(items)
+        positive = render_text(items, form)
+        negatives: list[str] = []
+        for _ in range(num_negatives * 4):
+            if len(negatives) == num_negatives:
+                break
+            text = render_text(_perturb(items, rng, self.colors, self.shapes), form)
+            if text != positive and text not in negatives:
+                negatives.append(text)
+        return positive, negatives
+
+
+# ------------------------------------------------------------------------------------------- dense targets
+def dense_targets(
+    objects: Sequence[dict[str, Any]] | None,
+    image_size: int,
+    grid: int,
+    colors: Sequence[str],
+    shapes: Sequence[str],
+    min_overlap: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch labels (row-major G*G): color id [N] and shape id [N] (0 = background), box [N, 4] in 0..1.
+
+    A patch belongs to the object whose box covers most of it, if that covers at least `min_overlap`.
+    """
+    n = grid * grid
+    color, shape, box = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.zeros(n, 4)
+    if not objects:
+        return color, shape, box
+    cell = image_size / grid
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    x1, y1 = cols.flatten() * cell, rows.flatten() * cell  # [N] patch corners
+    boxes = torch.tensor([list(o["box"]) for o in objects], dtype=torch.float32)  # [M, 4]
+    w = (torch.minimum(x1[:, None] + cell, boxes[:, 2]) - torch.maximum(x1[:, None], boxes[:, 0])).clamp(
+        min=0
+    )
+    h = (torch.minimum(y1[:, None] + cell, boxes[:, 3]) - torch.maximum(y1[:, None], boxes[:, 1])).clamp(
+        min=0
+    )
+    overlap, owner = (w * h / (cell * cell)).max(dim=1)  # [N], [N]
+    color_ids = torch.tensor([colors.index(o["color"]) + 1 if o["color"] in colors else 0 for o in objects])
+    shape_ids = torch.tensor([shapes.index(o["shape"]) + 1 if o["shape"] in shapes else 0 for o in objects])
+    on = overlap >= min_overlap
+    color[on], shape[on] = color_ids[owner[on]], shape_ids[owner[on]]
+    box[on] = boxes[owner[on]] / image_size
+    return color, shape, box
+    cell = image_size / grid
+    for r in range(grid):
+        for c in range(grid):
+            px1, py1 = c * cell, r * cell
+            best, best_o = min_overlap * cell * cell, None
+            for o in objects:
+                x1, y1, x2, y2 = o["box"]
+                inter = max(0.0, min(x2, px1 + cell) - max(x1, px1)) * max(
+                    0.0, min(y2, py1 + cell) - max(y1, py1)
+                )
+                if inter >= best:
+                    best, best_o = inter, o
+            if best_o is not None:
+                k = r * grid + c
+                color[k] = colors.index(best_o["color"]) + 1 if best_o["color"] in colors else 0
+                shape[k] = shapes.index(best_o["shape"]) + 1 if best_o["shape"] in shapes else 0
+                box[k] = torch.tensor(best_o["box"]) / image_size
+    return color, shape, box
+
+
+# -------------------------------------------------------------------------------------------------- losses
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_ids: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE with duplicates as shared positives; returns (loss, image->text top-1 accuracy).
+
+    image_emb [B, E]; text_emb [T, E] whose first B rows are the positives of the B images and the rest extra
+    (hard) negatives; text_ids [T] identifies equal texts (equal texts are all positives of an image).
+    """
+    b = image_emb.shape[0]
+    logits = scale * image_emb @ text_emb.T  # [B, T]
+    match = (text_ids[:b, None] == text_ids[None, :]).float()  # [B, T]
+    i2t = -(F.log_softmax(logits, dim=1) * match / match.sum(1, keepdim=True)).sum(1).mean()
+    square = match[:, :b]  # [B, B], symmetric
+    t2i = -(F.log_softmax(logits[:, :b].T, dim=1) * square / square.sum(1, keepdim=True)).sum(1).mean()
+    acc = match.gather(1, logits.argmax(1, keepdim=True)).mean()
+    return (i2t + t2i) / 2, acc
+
+
+def dense_loss(
+    model: ContrastiveModel,
+    patches: torch.Tensor,
+    color: torch.Tensor,
+    shape: torch.Tensor,
+    box: torch.Tensor,
+) -> torch.Tensor:
+    """Per-patch color/shape cross-entropy + L1 box regression on object patches; patches [B, N, D]."""
+    color_logits, shape_logits, box_pred = model.dense_logits(patches)
+    loss = F.cross_entropy(color_logits.flatten(0, 1), color.flatten())
+    loss = loss + F.cross_entropy(shape_logits.flatten(0, 1), shape.flatten())
+    on = (color > 0).unsqueeze(-1).float()  # [B, N, 1]
+    return loss + 5.0 * ((box_pred - box).abs() * on).sum() / (4 * on.sum()).clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------ training
+@contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _attribute_values(data: PairData) -> tuple[list[str], list[str]]:
+    objs = [o for scene in data.objects if scene for o in scene]
+    return sorted({o["color"] for o in objs}), sorted({o["shape"] for o in objs})
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.endswith(("pos", "cls")) or "embed.weight" in name and "patch" not in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(progress: float, warmup: float) -> float:
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1 - warmup))))
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]pretrain-vision"),
+        BarColumn(),
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("acc {task.fields[acc]:.2f}"),
+        TextColumn("dense {task.fields[dense]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+    )
+
+
+def build_model(cfg: PretrainVisionConfig, data: PairData) -> tuple[ContrastiveModel, TextSampler]:
+    """A freshly initialised model (tower from `cfg.vision`, loading `cfg.vision.path` if set) and its sampler."""
+    colors, shapes = _attribute_values(data)
+    sampler = TextSampler(data, cfg.vision.image_size, cfg.text_forms, colors, shapes)
+    tokenizer = WordTokenizer.build(sampler.vocabulary_texts())
+    model = ContrastiveModel(cfg.vision, tokenizer, cfg.text, cfg.embed_dim, colors, shapes)
+    return model, sampler
+
+
+def _batch_contrastive(
+    model: ContrastiveModel,
+    sampler: TextSampler,
+    indices: list[int],
+    flipped: list[bool],
+    image_emb: torch.Tensor,
+    hard_negatives: int,
+    rng: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of a batch: one sampled positive text per image plus `hard_negatives` perturbed texts each."""
+    positives, negatives = [], []
+    for i, f in zip(indices, flipped):
+        p, n = sampler.sample(i, hard_negatives, rng, flipped=f)
+        positives.append(p)
+        negatives += n
+    texts = positives + negatives
+    ids = {t: k for k, t in enumerate(dict.fromkeys(texts))}
+    text_ids = torch.tensor([ids[t] for t in texts])  # [T]
+    return contrastive_loss(image_emb, model.encode_texts(texts), text_ids, model.logit_scale.exp())
+
+
+def train_contrastive(
+    cfg: PretrainVisionConfig,
+    model: ContrastiveModel,
+    sampler: TextSampler,
+    data: PairData,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train `model` in place (InfoNCE + optional dense heads) until `cfg.steps` / `cfg.max_seconds`; returns
+    training metrics. The model is left in eval mode."""
+    grid, size = model.tower.grid_size(), cfg.vision.image_size
+    has_objects = torch.tensor([o is not None for o in data.objects])  # [N]
+    views = [data.objects, [mirror(o, size) if o else None for o in data.objects]]  # as is, mirrored
+    targets = [[dense_targets(o, size, grid, model.colors, model.shapes) for o in objs] for objs in views]
+    color = torch.stack([torch.stack([t[0] for t in ts]) for ts in targets])  # [2, N, G*G] (as is, mirrored)
+    shape = torch.stack([torch.stack([t[1] for t in ts]) for ts in targets])  # [2, N, G*G]
+    box = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G, 4]
+    use_dense = cfg.dense_weight > 0 and bool(has_objects.any())
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.batch_size, len(data))
+    order, pos = torch.randperm(len(data), generator=gen), 0
+    step, start, ema_loss, ema_acc, ema_dense = 0, time.perf_counter(), 0.0, 0.0, 0.0
+    model.train()
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("pretrain", total=1.0, step=0, loss=0.0, acc=0.0, dense=0.0)
+        while True:
+            elapsed = time.perf_counter() - start
+            fractions = [
+                step / cfg.steps if cfg.steps else 0.0,
+                elapsed / cfg.max_seconds if cfg.max_seconds else 0.0,
+            ]
+            done = max(fractions)
+            if done >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(done, cfg.warmup_ratio)
+            if pos + batch > len(data):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            idx = order[pos : pos + batch]
+            pos += batch
+            flip = torch.zeros(len(idx), dtype=torch.bool)
+            if cfg.hflip:
+                flip = (torch.rand(len(idx), generator=gen) < 0.5) & has_objects[idx]
+            pixels = data.pixels[idx]  # [B, 3, S, S]
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+            image_emb, patches = model.encode_images(pixels)  # [B, E], [B, G*G, D]
+            loss, acc = torch.zeros(()), torch.zeros(())
+            if cfg.contrastive_weight > 0:
+                loss, acc = _batch_contrastive(
+                    model, sampler, idx.tolist(), flip.tolist(), image_emb, cfg.hard_negatives, rng
+                )
+            total = cfg.contrastive_weight * loss
+            d_loss = torch.zeros(())
+            if use_dense:
+                keep, view = has_objects[idx], flip.long()
+                d_loss = dense_loss(
+                    model,
+                    patches[keep],
+                    color[view, idx][keep],
+                    shape[view, idx][keep],
+                    box[view, idx][keep],
+                )
+                total = total + cfg.dense_weight * d_loss
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            w = 0.9 if step > 10 else 0.0
+            ema_loss = w * ema_loss + (1 - w) * loss.item()
+            ema_acc = w * ema_acc + (1 - w) * acc.item()
+            ema_dense = w * ema_dense + (1 - w) * d_loss.item()
+            bar.update(task, completed=min(1.0, done), step=step, loss=ema_loss, acc=ema_acc, dense=ema_dense)
+            if cfg.log_every and step % cfg.log_every == 0:
+                log.info(
+                    "step %d (%.0fs): loss %.3f, in-batch acc %.3f, dense %.3f, temp %.1f",
+                    step, elapsed, ema_loss, ema_acc, ema_dense, model.logit_scale.exp().item(),
+                )  # fmt: skip
+    seconds = time.perf_counter() - start
+    model.eval()
+    return {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(step * batch / max(seconds, 1e-9), 1),
+        "loss": round(ema_loss, 4),
+        "train_retrieval_acc": round(ema_acc, 4),
+        "dense_loss": round(ema_dense, 4),
+        "logit_scale": round(model.logit_scale.exp().item(), 2),
+    }
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_pretrained(
+    model: ContrastiveModel, out_dir: str | Path, metrics: dict[str, Any] | None = None
+) -> Path:
+    """Write vision.safetensors (the tower), text_encoder.safetensors (the rest), vision_config.json/.yaml,
+    pretrain_vision.json (vocabulary, text config, attribute values) and metrics.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(model.tower.state_dict(), out / VIT_WEIGHTS)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    _save_safetensors(rest, out / TEXT_WEIGHTS)
+    vision = replace(model.tower.cfg, path=str(out.resolve()))
+    _write_text(out / VISION_CONFIG_FILE, json.dumps(to_dict(vision), indent=1))
+    save_yaml(vision, out / "vision_config.yaml")
+    meta = {
+        "vocab": model.tokenizer.vocab,
+        "text": to_dict(model.text_cfg),
+        "embed_dim": model.image_proj.out_features,
+        "colors": model.colors,
+        "shapes": model.shapes,
+    }
+    _write_text(out / META_FILE, json.dumps(meta))
+    if metrics is not None:
+        _write_text(out / METRICS_FILE, json.dumps(metrics, indent=1))
+    return out
+
+
+def load_vision_config(out_dir: str | Path) -> VisionConfig:
+    """The `VisionConfig` saved by `pretrain_vision`, with `path` pointing at `out_dir` (for a recipe)."""
+    data = json.loads((Path(out_dir) / VISION_CONFIG_FILE).read_text())
+    return replace(from_dict(VisionConfig, data), path=str(Path(out_dir).resolve()))
+
+
+def load_pretrained(out_dir: str | Path) -> ContrastiveModel:
+    """The whole contrastive model (tower, text encoder, heads) saved by `pretrain_vision`, in eval mode."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    meta = json.loads((out / META_FILE).read_text())
+    model = ContrastiveModel(
+        load_vision_config(out),
+        WordTokenizer(meta["vocab"]),
+        from_dict(TextEncoderConfig, meta["text"]),
+        int(meta["embed_dim"]),
+        meta["colors"],
+        meta["shapes"],
+    )
+    missing, unexpected = model.load_state_dict(load_file(str(out / TEXT_WEIGHTS)), strict=False)
+    if unexpected or any(not k.startswith("tower.") for k in missing):
+        raise RuntimeError(
+            f"{out / TEXT_WEIGHTS} does not match: missing={missing[:4]} unexpected={unexpected[:4]}"
+        )
+    return model.eval()
+
+
+def pretrain_vision(
+    cfg: PretrainVisionConfig,
+    out_dir: str | Path,
+    *,
+    data: PairData | None = None,
+    progress: bool = True,
+) -> Path:
+    """Contrastively pretrain a SmallViT on `cfg.data` (or preloaded `data`); returns `out_dir`.
+
+    `out_dir/vision.safetensors` loads with `VisionConfig(kind="vit", path=out_dir, ...)` using the dims saved
+    in `out_dir/vision_config.json` (see `load_vision_config`).
+    """
+    if cfg.vision.kind != "vit":
+        raise ValueError(
+            f"pretrain-vision trains the project's own ViT (vision.kind 'vit'), not '{cfg.vision.kind}'"
+        )
+    if not cfg.steps and not cfg.max_seconds:
+        raise ValueError("set steps or max_seconds (> 0) to bound the pretraining")
+    with _threads(cfg.threads):
+        if data is None:
+            if not cfg.data:
+                raise ValueError("no data: set `data` (caption JSONL or LLaVA JSON)")
+            t0 = time.perf_counter()
+            data = load_pairs(cfg.data, cfg.vision, cfg.image_root, cfg.max_pairs)
+            log.info(
+                "loaded %d image–text pairs from %s in %.1fs", len(data), cfg.data, time.perf_counter() - t0
+            )
+        torch.manual_seed(cfg.seed)
+        model, sampler = build_model(cfg, data)
+        with_objects = sum(o is not None for o in data.objects)
+        log.info(
+            "pretraining ViT (dim %d, depth %d, %d params) + text encoder (%d words) on %d pairs (%d with objects)",
+            model.tower.feature_dim, len(model.tower.blocks), sum(p.numel() for p in model.tower.parameters()),
+            len(model.tokenizer), len(data), with_objects,
+        )  # fmt: skip
+        metrics: dict[str, Any] = train_contrastive(cfg, model, sampler, data, progress)
+        metrics["pairs"] = len(data)
+        out = save_pretrained(model, out_dir, metrics)
+        save_yaml(cfg, out / "pretrain_config.yaml")
+    log.info("saved pretrained ViT to %s (%s)", out, ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- probe
+@torch.no_grad()
+def _patch_features(tower: SmallViT, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Frozen `select_layer` patch features [N, G*G, D] (prefix tokens dropped)."""
+    tower.eval()
+    grid = tower.grid_size()
+    feats = [tower(pixels[i : i + batch])[:, -grid * grid :] for i in range(0, len(pixels), batch)]
+    return torch.cat(feats)
+
+
+def _fit_linear(
+    x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, out_dim: int, l2: float = 1e-3
+) -> nn.Linear:
+    """Full-batch L-BFGS fit of a linear map on standardized features."""
+    torch.manual_seed(0)
+    head = nn.Linear(x.shape[1], out_dim)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=150, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(head(x), y) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head
+
+
+def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-4)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def _object_rows(
+    feats: torch.Tensor, data: PairData, grid: int, size: int
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Feature of the patch under each object's box center [M, D], and the objects."""
+    rows, objs = [], []
+    for i, scene in enumerate(data.objects):
+        for o in scene or []:
+            x1, y1, x2, y2 = o["box"]
+            r = min(grid - 1, int((y1 + y2) / 2 / size * grid))
+            c = min(grid - 1, int((x1 + x2) / 2 / size * grid))
+            rows.append(feats[i, r * grid + c])
+            objs.append(o)
+    return torch.stack(rows), objs
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of two [M, 4] xyxy box tensors."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1) + (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
+    return inter / (area - inter).clamp(min=1e-8)
+
+
+@torch.no_grad()
+def _retrieval(
+    model: ContrastiveModel, val: PairData, num_distractors: int = 7, seed: int = 0
+) -> dict[str, float]:
+    """Val caption retrieval: top-1 among all val captions, and true caption vs perturbed (binding) distractors."""
+    sampler = TextSampler(val, model.tower.image_size, False, model.colors, model.shapes)
+    image_emb = torch.cat([model.encode_images(val.pixels[i : i + 256])[0] for i in range(0, len(val), 256)])
+    rng = random.Random(seed)
+    pos, hard, swap_total, swap_hits = [], [], 0, 0
+    for i in range(len(val)):
+        p, negs = sampler.sample(i, num_distractors, rng, form="caption")
+        pos.append(p)
+        scores = model.encode_texts([p, *negs]) @ image_emb[i]  # [1+K]
+        hard.append(bool(scores[0] > scores[1:].max()) if negs else True)
+        items = sampler.items[i]
+        if items and len({o.color for o in items}) > 1:  # pure binding swap: exchange two objects' colors
+            swapped = list(items)
+            a, b = next(
+                (a, b)
+                for a in range(len(items))
+                for b in range(a + 1, len(items))
+                if items[a].color != items[b].color
+            )
+            swapped[a], swapped[b] = (
+                replace(items[a], color=items[b].color),
+                replace(items[b], color=items[a].color),
+            )
+            s = model.encode_texts([p, render_text(swapped, "caption")]) @ image_emb[i]
+            swap_total, swap_hits = swap_total + 1, swap_hits + int(s[0] > s[1])
+    text_emb = model.encode_texts(pos)  # [N, E]
+    best = (image_emb @ text_emb.T).argmax(1)  # [N]
+    top1 = sum(pos[int(j)] == pos[i] for i, j in enumerate(best)) / len(val)
+    return {
+        "retrieval_top1": top1,
+        "retrieval_vs_distractors": sum(hard) / len(hard),
+        "retrieval_color_swap": swap_hits / max(1, swap_total),
+    }
+
+
+def probe(
+    model: ContrastiveModel | SmallViT | str | Path,
+    train: str | Path | PairData,
+    val: str | Path | PairData,
+    *,
+    image_root: str | Path | None = None,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Linear probes on frozen patch features (fit on `train`, scored on `val`, both ShapesWorld-style):
+
+    color_at_object / shape_at_object: the object's color/shape from the patch under its box center;
+    box_iou50: share of objects whose box, regressed from that patch, has IoU >= 0.5;
+    count: the number of objects from 2x2-pooled patch features; and, for a ContrastiveModel (or a
+    pretrain-vision directory), caption retrieval: top-1 among val captions, vs 7 perturbed distractors, and
+    vs the caption with two objects' colors swapped.
+    """
+    with _threads(threads):
+        contrastive = load_pretrained(model) if isinstance(model, str | Path) else model
+        tower = contrastive.tower if isinstance(contrastive, ContrastiveModel) else contrastive
+        vcfg = tower.cfg
+        train_d = train if isinstance(train, PairData) else load_pairs(train, vcfg, image_root)
+        val_d = val if isinstance(val, PairData) else load_pairs(val, vcfg, image_root)
+        grid, size = tower.grid_size(), tower.image_size
+        f_train, f_val = (
+            _patch_features(tower, train_d.pixels),
+            _patch_features(tower, val_d.pixels),
+        )  # [N, G*G, D]
+        out: dict[str, float] = {}
+
+        x_tr, o_tr = _object_rows(f_train, train_d, grid, size)
+        x_va, o_va = _object_rows(f_val, val_d, grid, size)
+        x_tr, x_va = _standardize(x_tr, x_va)
+        for attr in ("color", "shape"):
+            values = sorted({o[attr] for o in o_tr})
+            y_tr = torch.tensor([values.index(o[attr]) for o in o_tr])
+            y_va = torch.tensor([values.index(o[attr]) if o[attr] in values else -1 for o in o_va])
+            head = _fit_linear(x_tr, y_tr, F.cross_entropy, len(values))
+            out[f"{attr}_at_object"] = (head(x_va).argmax(1) == y_va).float().mean().item()
+        b_tr = torch.tensor([o["box"] for o in o_tr]) / size  # [M, 4]
+        b_va = torch.tensor([o["box"] for o in o_va]) / size
+        head = _fit_linear(x_tr, b_tr, F.mse_loss, 4)
+        out["box_iou50"] = (_box_iou(head(x_va), b_va) >= 0.5).float().mean().item()
+
+        def pooled(f: torch.Tensor) -> torch.Tensor:  # [N, G*G, D] -> [N, (G/2)^2 * D]
+            n, _, d = f.shape
+            if grid % 2:
+                return f.reshape(n, -1)
+            g = f.reshape(n, grid // 2, 2, grid // 2, 2, d).mean(dim=(2, 4))
+            return g.reshape(n, -1)
+
+        counts_tr = torch.tensor([len(o or []) for o in train_d.objects])
+        counts_va = torch.tensor([len(o or []) for o in val_d.objects])
+        c_tr, c_va = _standardize(pooled(f_train), pooled(f_val))
+        head = _fit_linear(
+            c_tr, counts_tr, F.cross_entropy, int(max(counts_tr.max(), counts_va.max())) + 1, l2=1e-2
+        )
+        out["count"] = (head(c_va).argmax(1) == counts_va).float().mean().item()
+        if isinstance(contrastive, ContrastiveModel):
+            out.update(_retrieval(contrastive.eval(), val_d))
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+__all__ = [
+    "ContrastiveModel",
+    "PairData",
+    "PretrainVisionConfig",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "WordTokenizer",
+    "contrastive_loss",
+    "dense_targets",
+    "load_pairs",
+    "load_pretrained",
+    "load_vision_config",
+    "pretrain_vision",
+    "probe",
+    "render_text",
+    "save_pretrained",
+    "train_contrastive",
+]

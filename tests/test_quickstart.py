@@ -11,8 +11,16 @@ from vlmkit.cli import main
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.quickstart import TEXT_QUESTIONS
 
-REQUIRED = ("attribute_qa_acc", "counting_acc", "pope_f1", "grounding_acc50", "caption_exact",
-            "text_answers_changed", "wall_s", "peak_rss_gib")
+REQUIRED = (
+    "attribute_qa_acc",
+    "counting_acc",
+    "pope_f1",
+    "grounding_acc50",
+    "caption_exact",
+    "text_answers_changed",
+    "wall_s",
+    "peak_rss_gib",
+)
 
 
 def test_tiny_quickstart_end_to_end(tmp_path, capsys):

@@ -317,8 +317,14 @@ def test_hf_tower_runs_at_a_set_resolution(model_type):
 
     from vlmkit.config import VisionConfig as VC
 
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "image_size": 32, "patch_size": 8}
+    base = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     cfg = VC(kind="hf", hf_config={"model_type": model_type, **base}, resolution=48)
     tower = build_vision_tower(copy.deepcopy(cfg))
     assert tower.image_size == 48 and tower.num_patches() == 36

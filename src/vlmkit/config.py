@@ -49,7 +49,9 @@ class VisionConfig:
     select_layer: int = -2
     drop_prefix_tokens: bool = True
     image_size: int = 64
-    resolution: int | None = None  # `hf` towers: input size if not the checkpoint's own (positions interpolated)
+    resolution: int | None = (
+        None  # `hf` towers: input size if not the checkpoint's own (positions interpolated)
+    )
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     vit: ViTConfig = field(default_factory=ViTConfig)
@@ -230,7 +232,9 @@ class TrainConfig:
     """Run-wide training settings."""
 
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 where the hardware supports it: CUDA, or CPUs with AVX512-BF16/AMX) | bf16 | fp32
+    precision: str = (
+        "auto"  # auto (bf16 where the hardware supports it: CUDA, or CPUs with AVX512-BF16/AMX) | bf16 | fp32
+    )
     gradient_checkpointing: bool = False
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only
@@ -395,7 +399,9 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-    raise ConfigError(f"no recipe file or name '{name_or_path}'; known recipes: {', '.join(known) or '(none)'}")
+    raise ConfigError(
+        f"no recipe file or name '{name_or_path}'; known recipes: {', '.join(known) or '(none)'}"
+    )
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -33,7 +33,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         from rich.logging import RichHandler
 
         # logs go to stderr so that stdout carries only results (e.g. `--json` output)
-        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, rich_tracebacks=False
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
     except ImportError:  # pragma: no cover - rich is a dependency
         handler = logging.StreamHandler()

@@ -15,7 +15,9 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("quickstart", help="teach the embedded SmolLM2 to see ShapesWorld, then evaluate it")
+    p = subparsers.add_parser(
+        "quickstart", help="teach the embedded SmolLM2 to see ShapesWorld, then evaluate it"
+    )
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--tiny", action="store_true", help="tiny random LLM: the whole path in seconds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides of the recipe")

@@ -295,13 +295,23 @@ class Trainer:
                 ):
                     self.metrics.write(record)
                 bar.update(task, advance=1, loss=loss, lr=lr, tps=record["tokens_per_s"])
-                if not bar.console.is_terminal and self.strategy.is_main and (
-                    progress.stage_step % max(1, total // 20) == 0 or progress.stage_step == total
+                if (
+                    not bar.console.is_terminal
+                    and self.strategy.is_main
+                    and (progress.stage_step % max(1, total // 20) == 0 or progress.stage_step == total)
                 ):  # no live bar (CI, nohup): a log line every 5% instead
                     done = progress.stage_step - first_step
                     eta = elapsed / max(done, 1) * (total - progress.stage_step)
-                    log.info("%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0f s", stage.name,
-                             progress.stage_step, total, loss, lr, record["tokens_per_s"], eta)
+                    log.info(
+                        "%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0f s",
+                        stage.name,
+                        progress.stage_step,
+                        total,
+                        loss,
+                        lr,
+                        record["tokens_per_s"],
+                        eta,
+                    )
                 if (
                     cfg.eval_every
                     and progress.stage_step % cfg.eval_every == 0

@@ -194,3 +194,42 @@ def test_stage_presets_freeze_maps_and_param_groups(tiny_vlm):
         apply_stage(model, StageConfig(name="x", preset="custom", trainable=["vison"]))
     with pytest.raises(ValueError, match="trains no parameters"):
         apply_stage(model, StageConfig(name="y", preset="custom", frozen=["llm"], trainable=[]))
+
+
+def test_generation_metric_hook_logs_task_metrics(tmp_path):
+    out = tmp_path / "gen"
+    calls = []
+
+    def hook(model, stage, step):
+        calls.append((stage.name, step, model.training))
+        return {"custom": 0.25}
+
+    from vlmkit.train.trainer import Trainer
+
+    recipe = load_config(
+        RecipeConfig, TINY, ["stages.0.max_steps=2", "stages.1.max_steps=2", "train.plot=false"]
+    )
+    Trainer(recipe, out, generation_hook=hook).run()
+    assert [(s, st) for s, st, _ in calls] == [("align", 2), ("instruct", 4)] and not any(
+        t for *_, t in calls
+    )
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "gen_custom" in r]
+    assert [r["gen_custom"] for r in rows] == [0.25, 0.25]
+    # the built-in hook: generate on N val records and score them by task
+    main(
+        [
+            "train",
+            TINY,
+            "--out",
+            str(tmp_path / "gen2"),
+            "--set",
+            "stages.0.max_steps=1",
+            "stages.1.max_steps=1",
+            "train.eval_generation=12",
+            "train.plot=false",
+        ]
+    )
+    rows = [
+        r for r in read_metrics(tmp_path / "gen2" / "metrics.jsonl") if any(k.startswith("gen_") for k in r)
+    ]
+    assert len(rows) == 2 and any(k.startswith("gen_pope") or k.endswith("_acc") for k in rows[0])

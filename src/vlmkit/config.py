@@ -241,6 +241,7 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # optimizer steps between validation passes; 0: at stage ends
     val_batches: int = 0  # 0: the whole validation split
+    eval_generation: int = 0  # at each validation, generate on this many val records and log task metrics
     tensorboard: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
     feature_cache: bool = True  # precompute a frozen tower's features once

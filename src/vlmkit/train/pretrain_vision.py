@@ -1,4 +1,4 @@
-"""CLIP-style contrastive pretraining of the small ViT on image–text pairs, with a cheap linear-probe check."""
+"""CLIP-style contrastive pretraining of the small ViT on image–text pairs, plus cheap linear probes."""
 
 from __future__ import annotations
 
@@ -132,15 +132,16 @@ def _scaled_objects(record: dict[str, Any], image_size: int) -> list[dict[str, A
 def load_pairs(
     path: str | Path, vision: VisionConfig, image_root: str | Path | None = None, max_pairs: int = 0
 ) -> PairData:
-    """Read caption JSONL / LLaVA JSON (for ShapesWorld: its `caption` records) into tensors, one per image."""
+    """Caption JSONL / LLaVA JSON (ShapesWorld: its `caption` records) -> tensors, one pair per image."""
     from vlmkit.data.formats import read_records
-    from vlmkit.data.images import load_image, to_tensor
+    from vlmkit.data.images import ImageError, load_image, to_tensor
 
     root = Path(image_root) if image_root is not None else Path(path).parent
     size = vision.image_size
     seen: set[str] = set()
     pixels: list[torch.Tensor] = []
     data = PairData(torch.empty(0), [], [], [])
+    bad = 0
     for index, record in read_records(path):
         if isinstance(record, Exception):
             continue
@@ -150,7 +151,12 @@ def load_pairs(
         ref, caption = pair
         seen.add(ref)
         file = Path(ref) if Path(ref).is_absolute() else root / ref
-        image = load_image(file)
+        try:
+            image = load_image(file)
+        except ImageError as err:
+            bad += 1
+            log.debug("skipping %s: %s", file, err)
+            continue
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)  # as SmallViT.transform
         pixels.append(to_tensor(image, vision.image_mean, vision.image_std))  # [3, S, S]
@@ -159,8 +165,10 @@ def load_pairs(
         data.images.append(ref)
         if max_pairs and len(pixels) >= max_pairs:
             break
+    if bad:
+        log.warning("%s: skipped %d unreadable images", path, bad)
     if not pixels:
-        raise ValueError(f"{path}: no image–caption pairs found (caption JSONL, LLaVA JSON or task=caption)")
+        raise ValueError(f"{path}: no image–caption pairs (caption JSONL, LLaVA JSON or task=caption)")
     data.pixels = torch.stack(pixels)  # [N, 3, S, S]
     return data
 
@@ -293,7 +301,7 @@ class ContrastiveModel(nn.Module):
         return F.normalize(self.text(ids), dim=-1)
 
     def dense_logits(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """patches [B, N, D] -> color logits [B, N, C+1], shape logits [B, N, K+1], boxes [B, N, 4] in 0..1."""
+        """patches [B, N, D] -> color logits [B, N, C+1], shape logits [B, N, K+1], boxes [B, N, 4] (0..1)."""
         out = self.dense(patches)
         c, k = len(self.colors) + 1, len(self.shapes) + 1
         return out[..., :c], out[..., c : c + k], out[..., c + k :].sigmoid()
@@ -580,7 +588,7 @@ def _progress_bar(enabled: bool):
 
 
 def build_model(cfg: PretrainVisionConfig, data: PairData) -> tuple[ContrastiveModel, TextSampler]:
-    """A freshly initialised model (tower from `cfg.vision`, loading `cfg.vision.path` if set) and its sampler."""
+    """A new model (tower from `cfg.vision`, loading `cfg.vision.path` if set) and its text sampler."""
     colors, shapes = _attribute_values(data)
     sampler = TextSampler(data, cfg.vision.image_size, cfg.text_forms, colors, shapes)
     tokenizer = WordTokenizer.build(sampler.vocabulary_texts())
@@ -627,6 +635,8 @@ def train_contrastive(
     box = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G, 4]
     use_dense = cfg.dense_weight > 0 and bool(has_objects.any())
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    tower_params = list(model.tower.parameters())
+    clip_parts = [tower_params, [p for p in model.parameters() if all(p is not q for q in tower_params)]]
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.batch_size, len(data))
@@ -676,7 +686,8 @@ def train_contrastive(
                 total = total + cfg.dense_weight * d_loss
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for part in clip_parts:  # clipped apart: text-side gradients do not shrink the tower's updates
+                torch.nn.utils.clip_grad_norm_(part, 1.0)
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
@@ -805,8 +816,10 @@ def pretrain_vision(
         model, sampler = build_model(cfg, data)
         with_objects = sum(o is not None for o in data.objects)
         log.info(
-            "pretraining ViT (dim %d, depth %d, %d params) + text encoder (%d words) on %d pairs (%d with objects)",
-            model.tower.feature_dim, len(model.tower.blocks), sum(p.numel() for p in model.tower.parameters()),
+            "pretraining ViT (dim %d, depth %d, %d params) + text encoder (%d words) on %d pairs "
+            "(%d with objects)",
+            model.tower.feature_dim, len(model.tower.blocks),
+            sum(p.numel() for p in model.tower.parameters()),
             len(model.tokenizer), len(data), with_objects,
         )  # fmt: skip
         metrics: dict[str, Any] = train_contrastive(cfg, model, sampler, data, progress)
@@ -878,7 +891,7 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _retrieval(
     model: ContrastiveModel, val: PairData, num_distractors: int = 7, seed: int = 0
 ) -> dict[str, float]:
-    """Val caption retrieval: top-1 among all val captions, and true caption vs perturbed (binding) distractors."""
+    """Val caption retrieval: top-1 among all val captions; the true caption vs perturbed ones."""
     sampler = TextSampler(val, model.tower.image_size, False, model.colors, model.shapes)
     image_emb = torch.cat([model.encode_images(val.pixels[i : i + 256])[0] for i in range(0, len(val), 256)])
     rng = random.Random(seed)
@@ -997,7 +1010,10 @@ __all__ = [
     "PretrainVisionConfig",
     "TextEncoder",
     "TextEncoderConfig",
+    "TextSampler",
     "WordTokenizer",
+    "build_model",
+    "mirror",
     "contrastive_loss",
     "dense_targets",
     "load_pairs",

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,11 @@ class Trainer:
         resume: bool = False,
         strategy: Any = None,
         model: VisionLanguageModel | None = None,
+        generation_hook: GenerationHook | None = None,
     ):
-        """`model`: an already built stage-0 model (as `from_config(recipe.model)` would build it after seeding)."""
+        """`model`: an already built stage-0 model (as `from_config(recipe.model)` would build it after seeding).
+        `generation_hook(model, stage, step) -> {metric: value}` runs at each validation (single process) and
+        its metrics go to metrics.jsonl; `train.eval_generation: N` installs one scoring N val records."""
         if not recipe.stages:
             raise ValueError(
                 "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
@@ -86,6 +90,9 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.metrics: MetricsLog | None = None
         self._given_model = model
+        self.generation_hook = generation_hook
+        if generation_hook is None and recipe.train.eval_generation > 0:
+            self.generation_hook = TaskGenerationHook(recipe, self.out)
         self._pretrain_cfg = _pretrain_config(recipe)  # fails on a mistyped key before any work
 
     # ------------------------------------------------------------------------------------------- run
@@ -355,6 +362,25 @@ class Trainer:
         log.info("stage '%s' step %d: val_loss %.4f", stage.name, progress.stage_step, val)
         if self.metrics:
             self.metrics.write({"step": progress.global_step, "stage": stage.name, "val_loss": val})
+        if self.generation_hook is not None and self.strategy.world == 1:
+            inner = self.strategy.unwrap(model).eval()
+            with torch.no_grad():
+                scores = self.generation_hook(inner, stage, progress.global_step)
+            model.train()
+            log.info(
+                "stage '%s' step %d: %s",
+                stage.name,
+                progress.stage_step,
+                "  ".join(f"{k} {v:.3f}" for k, v in scores.items()),
+            )
+            if self.metrics:
+                self.metrics.write(
+                    {
+                        "step": progress.global_step,
+                        "stage": stage.name,
+                        **{f"gen_{k}": v for k, v in scores.items()},
+                    }
+                )
 
     def _checkpoint(self, model: Any, optimizer: Any, scheduler: Any, index: int, progress: Progress) -> None:
         weights, optim_state = self.strategy.gather_state(model, optimizer)
@@ -386,6 +412,36 @@ class Trainer:
 
         if self.ckpt_root.is_dir():
             shutil.rmtree(self.ckpt_root)
+
+
+GenerationHook = Callable[[VisionLanguageModel, StageConfig, int], dict[str, float]]
+
+
+class TaskGenerationHook:
+    """Generates answers for the first N validation records and scores them by task (ShapesWorld-style
+    records with `task` / `answer` / `meta`): a generation metric next to the validation loss."""
+
+    def __init__(self, recipe: RecipeConfig, run_dir: Path) -> None:
+        self.recipe, self.run_dir = recipe, run_dir
+
+    def __call__(self, model: VisionLanguageModel, stage: StageConfig, step: int) -> dict[str, float]:
+        import json
+
+        from vlmkit.eval.shapesworld import evaluate_shapesworld
+        from vlmkit.train.data import prepare_data
+
+        data = prepare_data(self.recipe.data, self.run_dir)
+        source = stage.val_file or data.val
+        if not source:
+            return {}
+        subset = self.run_dir / "eval-generation" / "val-subset.json"
+        if not subset.is_file():
+            subset.parent.mkdir(parents=True, exist_ok=True)
+            records = json.loads(Path(source).read_text())[: self.recipe.train.eval_generation]
+            subset.write_text(json.dumps(records))
+        image_root = data.image_root or str(Path(source).parent)
+        scores = evaluate_shapesworld(model.eval(), subset, image_root, batch_size=16, max_new_tokens=48)
+        return {k: float(v) for k, v in scores.items() if not k.startswith("n_") and v is not None}
 
 
 def _pretrain_config(recipe: RecipeConfig) -> Any:

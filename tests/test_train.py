@@ -233,3 +233,12 @@ def test_generation_metric_hook_logs_task_metrics(tmp_path):
         r for r in read_metrics(tmp_path / "gen2" / "metrics.jsonl") if any(k.startswith("gen_") for k in r)
     ]
     assert len(rows) == 2 and any(k.startswith("gen_pope") or k.endswith("_acc") for k in rows[0])
+
+
+def test_gradient_checkpointing_gives_the_same_losses(reference_run, tmp_path):
+    out = tmp_path / "gc"
+    main(["train", TINY, "--out", str(out), "--set", "train.gradient_checkpointing=true", "train.plot=false"])
+    ref, ckpt = _losses(reference_run), _losses(out)
+    assert sorted(ckpt) == sorted(ref)
+    for step in ref:
+        assert ckpt[step] == pytest.approx(ref[step], abs=1e-5), step

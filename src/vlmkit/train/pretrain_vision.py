@@ -37,9 +37,9 @@ METRICS_FILE = "metrics.json"
 class TextEncoderConfig:
     """Word-level transformer text encoder (sees word order; CLS pooling)."""
 
-    dim: int = 128
-    depth: int = 2
-    heads: int = 4
+    dim: int = 64
+    depth: int = 1
+    heads: int = 2
     max_len: int = 40
 
 
@@ -48,34 +48,42 @@ class PretrainVisionConfig:
     """Contrastive image–text pretraining of a `SmallViT` (`vlmkit pretrain-vision`).
 
     Stops after `steps` optimizer steps or `max_seconds` of training, whichever comes first (0: no limit of
-    that kind); the cosine schedule follows whichever limit is nearer. Records holding ShapesWorld-style
-    `meta.objects` ({color, shape, box}) also get positional/count caption variants (`text_forms`),
-    attribute-binding hard negatives (`hard_negatives` per image) and per-patch label heads on the
-    `select_layer` features (`dense_weight`: color, shape and the object's box for every patch), and are
-    mirrored left-right at random (`hflip`; their texts and labels are mirrored too; others never are).
+    that kind); the cosine schedule follows whichever limit is nearer. Loss: `contrastive_weight` x symmetric
+    InfoNCE (learned temperature) + `dense_weight` x per-patch label heads.
+
+    Records holding ShapesWorld-style `meta.objects` ({color, shape, box}) also get positional/count caption
+    variants (`text_forms`), attribute-binding hard negatives (`hard_negatives` per image), per-patch label
+    heads on the `select_layer` features (color, shape and the object's box for every patch) and random
+    left-right mirroring (`hflip`; texts and labels mirrored too; other records are never flipped). With
+    dense labels, `contrastive_tower: top` stops the contrastive gradient at the `select_layer` features:
+    it trains only the blocks above them (none when `select_layer` is -1) and the text side, because when
+    it reaches them the patch features learn shape far more slowly (measured: linear-probe shape accuracy
+    0.41 vs 0.94 after 600 steps); `all` lets it train the whole tower. `contrastive_weight: 0` trains the
+    dense heads alone, at about half the step time. Without dense labels the contrastive loss trains the
+    whole tower either way.
     """
 
     data: str | None = None
     image_root: str | None = None
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = 128
-    batch_size: int = 128
-    lr: float = 2e-3
+    embed_dim: int = 64
+    batch_size: int = 64
+    lr: float = 4e-3
     weight_decay: float = 0.05
     warmup_ratio: float = 0.05
     max_seconds: float = 90.0
     steps: int = 0
     contrastive_weight: float = 1.0
-    contrastive_tower: str = "all"
-    hard_negatives: int = 3
+    contrastive_tower: str = "top"
+    hard_negatives: int = 2
     text_forms: bool = True
     hflip: bool = True
     dense_weight: float = 1.0
     max_pairs: int = 0
     seed: int = 0
     threads: int = 2
-    log_every: int = 50
+    log_every: int = 100
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -273,8 +281,8 @@ class ContrastiveModel(nn.Module):
     def encode_images(self, pixels: torch.Tensor, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [B, 3, S, S] -> (unit embeddings [B, E], patch features at `select_layer` [B, G*G, D]).
 
-        Same computation as `SmallViT.hidden_states`; with `detach`, the blocks above `select_layer` see the
-        patch features without a gradient path back, so the embedding's loss cannot reshape them.
+        Same computation as `SmallViT.hidden_states`; with `detach`, the embedding's gradient stops at the
+        `select_layer` features (it trains only the blocks above them, if any, and the projection).
         """
         t = self.tower
         x = t.patch_embed(pixels).flatten(2).transpose(1, 2)  # [B, G*G, D]
@@ -284,13 +292,14 @@ class ContrastiveModel(nn.Module):
         depth = len(t.blocks)
         select = t.select_layer % (depth + 1)  # index into [embeddings, block_1, ..., block_L]
         patches = x
+        x = x.detach() if detach and select == 0 else x
         for k, block in enumerate(t.blocks, start=1):
             x = block(x)
             if k == depth:
                 x = t.norm(x)
             if k == select:
                 patches = x
-                x = x.detach() if detach and k < depth else x
+                x = x.detach() if detach else x
         pooled = x[:, 0] if t.cls is not None else x.mean(dim=1)  # [B, D]
         return F.normalize(self.image_proj(pooled), dim=-1), patches[:, t.num_prefix :]
 

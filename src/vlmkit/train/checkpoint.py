@@ -130,6 +130,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state (stage, step, data position) of a complete checkpoint."""
+    return json.loads((path / STATE_NAME).read_text())
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load trainable weights into `model`; return (trainer_state, {optimizer, scheduler, rng})."""
     weights = load_file(str(path / "trainable.safetensors"))
@@ -140,6 +145,6 @@ def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    state = json.loads((path / STATE_NAME).read_text())
+    state = read_state(path)
     rest = torch.load(path / "optim.pt", weights_only=False)
     return state, rest

@@ -18,7 +18,13 @@ from vlmkit.config import RecipeConfig, StageConfig, save_yaml
 from vlmkit.log import get_logger
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.precision import autocast_context
-from vlmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from vlmkit.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from vlmkit.train.metrics import MetricsLog, plot_run
 from vlmkit.train.schedule import build_scheduler
 from vlmkit.train.stages import apply_stage, merge_lora, param_groups
@@ -156,7 +162,7 @@ class Trainer:
             if self.metrics:
                 self.metrics.truncate_after(step)
             return Progress(stage_index=nxt, global_step=step)
-        state = __import__("json").loads((ckpt / "trainer_state.json").read_text())
+        state = read_state(ckpt)
         self._resume_from = ckpt
         log.info(
             "--resume: continuing from %s (stage %d, step %d)", ckpt, state["stage_index"], state["step"]

@@ -223,3 +223,17 @@ def test_perceiver_latents_attend_to_features_and_latents() -> None:
         layer.attn.register_forward_pre_hook(lambda _m, args: key_lengths.append(args[1].shape[1]))
     bridge(features(16))
     assert key_lengths == [16 + QUERIES] * 2
+
+
+@pytest.mark.parametrize("reduce", ["none", "pixel_shuffle"])
+def test_out_norm_gives_tokens_the_embedding_rms(reduce: str) -> None:
+    plain = make("mlp", reduce)
+    x = features(16) * 50  # large features: an unnormalized projector passes the scale on
+    assert plain(x).pow(2).mean().sqrt() > 1.0
+    torch.manual_seed(0)
+    normed = build_bridge(VISION_DIM, LLM_DIM, BridgeConfig(kind="mlp", reduce=reduce, out_norm=True), 0.13)
+    out = normed(x)
+    assert out.shape == plain(x).shape
+    assert torch.allclose(out.pow(2).mean(-1).sqrt(), torch.full(out.shape[:2], 0.13), rtol=1e-3)
+    out.sum().backward()  # the gain is learned
+    assert normed.norm.weight.grad is not None and normed.num_tokens(16) == plain.num_tokens(16)

@@ -280,3 +280,23 @@ def test_cli_check_with_model_dir(corpus, tiny_vlm, tmp_path, capsys):
     assert main(args) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["rejected"] == EXPECTED and out["ok"] == len(GOOD_IDS)
+
+
+def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_vlm):
+    from vlmkit.data.synthetic import generate_shapesworld
+
+    paths = generate_shapesworld(tmp_path, 5, seed=3, image_size=32)
+    records = json.loads(paths["train"].read_text())
+    cfg = DataConfig(max_length=1024, template="chatml")
+    single = VLMDataset.from_config(cfg, paths["train"], tiny_vlm)
+    merged = VLMDataset.from_config(cfg, paths["train"], tiny_vlm, merge_turns=True)
+    assert len(single) == len(records) and len(merged) == 5
+    image_id = tiny_vlm.image_token_id
+    for i in range(len(merged)):
+        item = merged[i]
+        assert (item["input_ids"] == image_id).sum() == tiny_vlm.tokens_per_image()
+    supervised = lambda ds: sum(int((ds[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(ds)))  # noqa: E731
+    assert supervised(merged) == supervised(single)  # every answer still trained on, once
+    assert sum(len(merged[i]["input_ids"]) for i in range(5)) < sum(
+        len(single[i]["input_ids"]) for i in range(len(single))
+    )

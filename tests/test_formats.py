@@ -11,6 +11,7 @@ from vlmkit.data.formats import (
     SampleError,
     detect_format,
     load_samples,
+    merge_image_turns,
     parse_record,
     read_records,
 )
@@ -270,3 +271,42 @@ def test_jsonl_malformed_line_is_counted_not_raised(tmp_path):
     assert [s.id for s in samples] == ["0", "good"]
     assert reasons == {"bad_schema": 2, "image_count_mismatch": 1}
     assert examples == {"bad_schema": "line 2", "image_count_mismatch": "mismatch"}
+
+
+# ------------------------------------------------------------------------------------------ merging turns
+def test_merge_image_turns_one_conversation_per_image():
+    recs = [
+        llava("a.png", "<image>\nWhat color?", "red", id="a1", task="attribute_qa"),
+        llava("b.png", "<image>\nHow many?", "2", id="b1", task="counting"),
+        llava("a.png", "<image>\nHow many?", "1", id="a2", task="counting"),
+        llava(None, "Hello?", "Hi.", id="t1"),
+        llava("a.png", "Is it round? <image>", "yes", id="a3", task="pope"),
+    ]
+    samples = [parse_record(r) for r in recs]
+    merged = merge_image_turns(samples)
+    assert [m.images for m in merged] == [["a.png"], ["b.png"], []]  # first-appearance order, text-only kept
+    a = merged[0]
+    assert sorted(a.meta["merged_ids"]) == ["a1", "a2", "a3"]
+    assert a.id == a.meta["merged_ids"][0]
+    assert sorted(a.meta["tasks"]) == ["attribute_qa", "counting", "pope"]
+    assert [m.role for m in a.messages] == ["user", "assistant"] * 3
+    assert sum(m.num_images for m in a.messages) == 1 and a.messages[0].num_images == 1
+    pairs = {a.messages[i].text.strip(): a.messages[i + 1].text for i in range(0, 6, 2)}
+    assert pairs == {"What color?": "red", "How many?": "1", "Is it round?": "yes"}
+    assert not any(
+        m.text.startswith("\n") for m in a.messages[2:]
+    )  # the marker's newline left with the image
+    assert merged[1] is samples[1]  # a single record per image passes through
+    assert merge_image_turns(samples) == merged  # deterministic
+
+
+def test_merge_image_turns_shuffles_which_question_comes_first():
+    recs = [
+        llava(f"{i}.png", "<image>\n" + q, "x", id=f"{i}-{q}", task=q)
+        for i in range(40)
+        for q in ("caption", "count", "color")
+    ]
+    merged = merge_image_turns([parse_record(r) for r in recs])
+    assert len(merged) == 40
+    firsts = {m.meta["tasks"][0] for m in merged}
+    assert firsts == {"caption", "count", "color"}

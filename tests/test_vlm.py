@@ -185,3 +185,20 @@ def test_labelled_positions_loss_equals_full_loss_and_gradients():
     assert grads and all(
         torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in model.named_parameters() if n in grads
     )
+
+
+def test_bridge_out_norm_starts_at_the_embedding_rms_and_survives_save(tmp_path):
+    cfg = tiny_model_config()
+    cfg.bridge.out_norm = True
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(cfg).eval()
+    rms = model.llm.embeddings.weight.detach().float().pow(2).mean().sqrt()
+    assert torch.allclose(model.bridge.norm.weight, rms.expand_as(model.bridge.norm.weight))
+    with torch.no_grad():
+        model.bridge.norm.weight.mul_(3.0)  # a trained gain, not the init, must come back
+    batch = _batch(model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.bridge.norm.weight, model.bridge.norm.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)

@@ -63,7 +63,9 @@ class BridgeConfig:
     """Modality bridge: features [B, N, Dv] -> tokens [B, M, Dl].
 
     kind: linear | mlp | qformer | perceiver | cross_attn. `reduce` (none | pixel_shuffle | pool) shrinks the
-    patch grid by `reduce_factor` per side before the bridge.
+    patch grid by `reduce_factor` per side before the bridge. `out_norm` RMS-normalizes every visual token with
+    a learned gain that starts at the RMS of the LLM's input embeddings, so image tokens enter the LLM at the
+    size of its word embeddings (an unnormalized projector's outputs grow to many times that size in training).
     """
 
     kind: str = "mlp"
@@ -74,6 +76,7 @@ class BridgeConfig:
     hidden_dim: int | None = None
     reduce: str = "none"
     reduce_factor: int = 2
+    out_norm: bool = False
 
 
 @dataclass
@@ -178,6 +181,7 @@ class DataConfig:
     )
     packing: bool = False
     group_by_length: bool = False
+    merge_turns: bool = False  # training split: one multi-turn conversation per image (LLaVA-1.5's VQA mix)
     max_bad: float = 0.05
 
 

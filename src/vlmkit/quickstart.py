@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from vlmkit.config import RecipeConfig, load_config
 from vlmkit.log import get_logger
+from vlmkit.memory import peak_rss_gib
 
 log = get_logger(__name__)
 
@@ -36,11 +36,6 @@ RESULT_KEYS = (
     "spatial_acc",
     "region_acc",
 )
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def ask_text(

@@ -23,6 +23,7 @@ from vlmkit.data.formats import (
     IMAGE_MARKER,
     Sample,
     SampleError,
+    merge_image_turns,
     parse_record,
     read_records,
 )
@@ -317,6 +318,7 @@ class VLMDataset(torch.utils.data.Dataset):
         num_workers: int = 0,
         enforce_max_bad: bool = True,
         tasks: Sequence[str] | None = None,
+        merge_turns: bool = False,
     ) -> VLMDataset:
         """Read `path` (any supported format) and encode it for `model`: its tokenizer, image token, visual
         tokens per image and image transform; `cfg.resize` picks the square view or AnyRes tiles. Relative
@@ -324,12 +326,19 @@ class VLMDataset(torch.utils.data.Dataset):
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
         `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
-        records whose `task` field is listed.
+        records whose `task` field is listed; `merge_turns` then joins the records of one image into one
+        multi-turn conversation (`merge_image_turns`).
         """
         report = DataReport(source=str(path))
         samples = read_samples(path, cfg.format, report=report, caption_instructions=cfg.caption_instructions)
         if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
             samples = [smp for smp in samples if smp.meta.get("task") in set(tasks)]
+        if merge_turns:
+            before = len(samples)
+            samples = merge_image_turns(samples)
+            log.info(
+                "%s: %d samples merged into %d conversations (one per image)", path, before, len(samples)
+            )
         vision = model.vision
         images = ImageSettings(
             image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import zlib
 from collections import Counter
@@ -357,6 +358,56 @@ def parse_record(
     except SampleError as err:
         raise SampleError(err.reason, str(err), sample_id=sid) from None
     return FORMATS.get(name)(record, sid, index, caption_instructions, seed)
+
+
+def merge_image_turns(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
+    """Join the single-image samples that share one image into one multi-turn conversation per image.
+
+    LLaVA-1.5 does this with VQA data: the image's tokens (and the template's preamble) are paid once for all
+    of its questions instead of once per question. The turn order inside a conversation is shuffled with a
+    stable per-image seed, so every kind of question is sometimes the first one (the turn an evaluation asks).
+    The image stays in the first user turn; system turns after the first sample's are dropped. Samples with
+    no image or several images pass through unchanged. The merged sample keeps the first sample's id and
+    meta, plus `merged_ids` and `tasks` (each part's `task`, where it had one); images keep their first
+    appearance order.
+    """
+    groups: dict[str, list[Sample]] = {}
+    order: list[str | Sample] = []
+    for smp in samples:
+        if len(smp.images) != 1:
+            order.append(smp)
+            continue
+        if smp.images[0] not in groups:
+            groups[smp.images[0]] = []
+            order.append(smp.images[0])
+        groups[smp.images[0]].append(smp)
+    merged: list[Sample] = []
+    for item in order:
+        if isinstance(item, Sample):
+            merged.append(item)
+            continue
+        group = groups[item]
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        rng = random.Random(zlib.crc32(f"{seed}:{item}".encode()))
+        group = rng.sample(group, len(group))
+        messages = list(group[0].messages)
+        for smp in group[1:]:
+            for msg in smp.messages:
+                if msg.role == "system":
+                    continue
+                parts = [p for p in msg.content if p["type"] != "image"]
+                if msg.role == "user":  # the marker's newline goes with the image
+                    parts = [
+                        dict(p, text=p["text"].lstrip("\n")) if p["type"] == "text" else p for p in parts
+                    ]
+                messages.append(Message(msg.role, parts))
+        meta = dict(group[0].meta)
+        meta["merged_ids"] = [smp.id for smp in group]
+        meta["tasks"] = [smp.meta["task"] for smp in group if "task" in smp.meta]
+        merged.append(Sample(group[0].id, messages, list(group[0].images), meta))
+    return merged
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Exception]]:

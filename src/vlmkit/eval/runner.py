@@ -254,7 +254,11 @@ def run_eval(
         if not (out / RUN_FILE).is_file():
             _write_json_atomic(out / RUN_FILE, prov)
     keys = {it.key for it in items}
-    todo = [it for it in items if it.key not in done]
+    # Questions of one kind go together (their answers have similar lengths, so a batch stops generating
+    # when its longest answer ends, not the longest answer of any kind); the order is deterministic.
+    todo = sorted(
+        (it for it in items if it.key not in done), key=lambda it: (str(it.meta.get("task", "")), len(it.prompt))
+    )
     if done:
         log.info(
             "%s: resuming, %d of %d items already predicted",

@@ -326,9 +326,29 @@ class ReducedBridge(Bridge):
         return self.inner(reduced)  # [B, M, Dl]
 
 
-def build_bridge(vision_dim: int, llm_dim: int, cfg: BridgeConfig) -> Bridge:
-    """Build the bridge named by `cfg.kind`, with optional token reduction (`cfg.reduce`) in front of it."""
+class NormedBridge(Bridge):
+    """`norm(inner(x))`: RMSNorm on every output token, its gain initialized to `scale` (`cfg.out_norm`)."""
+
+    def __init__(self, inner: Bridge, llm_dim: int, cfg: BridgeConfig, scale: float = 1.0) -> None:
+        super().__init__(inner.vision_dim, llm_dim, cfg)
+        self.inner = inner
+        self.norm = nn.RMSNorm(llm_dim, eps=1e-6)
+        nn.init.constant_(self.norm.weight, scale)
+
+    def num_tokens(self, n: int) -> int:
+        return self.inner.num_tokens(n)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.inner(features))  # [B, M, Dl]
+
+
+def build_bridge(vision_dim: int, llm_dim: int, cfg: BridgeConfig, embed_rms: float = 1.0) -> Bridge:
+    """Build the bridge named by `cfg.kind`, with optional token reduction (`cfg.reduce`) in front of it and an
+    optional output RMSNorm (`cfg.out_norm`) whose gain starts at `embed_rms` (the LLM's input-embedding RMS)."""
     bridge_cls = BRIDGES.get(cfg.kind)
-    if cfg.reduce == "none":
-        return bridge_cls(vision_dim, llm_dim, cfg)
-    return ReducedBridge(vision_dim, llm_dim, cfg)
+    bridge = (
+        bridge_cls(vision_dim, llm_dim, cfg)
+        if cfg.reduce == "none"
+        else ReducedBridge(vision_dim, llm_dim, cfg)
+    )
+    return NormedBridge(bridge, llm_dim, cfg, embed_rms) if cfg.out_norm else bridge

@@ -50,6 +50,8 @@ def check_exportable(model: VisionLanguageModel) -> str:
         problems.append("mlp bridge with hidden_dim != LLM hidden size")
     if cfg.bridge.reduce != "none":
         problems.append(f"token reduction '{cfg.bridge.reduce}' (Llava has none)")
+    if cfg.bridge.out_norm:
+        problems.append("bridge.out_norm (Llava's projector has no output norm)")
     if model_type == "clip_vision_model" and not cfg.vision.drop_prefix_tokens:
         problems.append("CLIP tower keeping its CLS token (Llava drops it)")
     if problems:

@@ -69,7 +69,8 @@ class VisionLanguageModel(nn.Module):
         """Build every part named in `cfg` (pretrained weights are loaded where a part's kind has them)."""
         vision = build_vision_tower(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
-        bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge)
+        embed_rms = float(llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
+        bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge, embed_rms)
         return cls(cfg, vision, bridge, llm)
 
     @property

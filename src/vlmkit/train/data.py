@@ -74,7 +74,9 @@ class StageData:
                 "the stage's train_file"
             )
         tasks = stage.tasks or None
-        train = VLMDataset.from_config(data_cfg, train_file, model, tasks=tasks)
+        train = VLMDataset.from_config(
+            data_cfg, train_file, model, tasks=tasks, merge_turns=data_cfg.merge_turns
+        )
         val_file = stage.val_file or data_cfg.val
         val = (
             VLMDataset.from_config(data_cfg, val_file, model, tasks=tasks, enforce_max_bad=False)

@@ -16,6 +16,7 @@ import torch
 
 from vlmkit.config import RecipeConfig, StageConfig, save_yaml
 from vlmkit.log import get_logger
+from vlmkit.memory import release_free_memory
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.precision import autocast_context
 from vlmkit.train.checkpoint import (
@@ -285,6 +286,7 @@ class Trainer:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                release_free_memory()  # this step's activations: back to the OS, not kept in the C heap
                 progress.stage_step += 1
                 progress.global_step += 1
                 loss = self.strategy.mean(loss_sum / stage.grad_accum)

@@ -257,7 +257,8 @@ def run_eval(
     # Questions of one kind go together (their answers have similar lengths, so a batch stops generating
     # when its longest answer ends, not the longest answer of any kind); the order is deterministic.
     todo = sorted(
-        (it for it in items if it.key not in done), key=lambda it: (str(it.meta.get("task", "")), len(it.prompt))
+        (it for it in items if it.key not in done),
+        key=lambda it: (str(it.meta.get("task", "")), len(it.prompt)),
     )
     if done:
         log.info(

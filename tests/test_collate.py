@@ -137,6 +137,11 @@ def test_packed_matches_unpacked_per_sample_loss(tiny_vlm):
     # The per-sample sums add up to the model's own (mean) loss.
     assert torch.allclose(loss_u.sum() / n_u.sum(), out_u.loss, atol=1e-5)
     assert torch.allclose(loss_p.sum() / n_p.sum(), out_p.loss, atol=1e-5)
+    # The training path (LM head at labelled positions only) keeps packed samples apart too.
+    with torch.no_grad():
+        train_u = tiny_vlm(**model_inputs(unpacked), return_logits=False).loss
+        train_p = tiny_vlm(**model_inputs(packed), return_logits=False).loss
+    assert torch.allclose(train_u, out_u.loss, atol=1e-5) and torch.allclose(train_p, out_u.loss, atol=1e-5)
 
 
 def test_packed_attention_is_isolated(tiny_vlm):

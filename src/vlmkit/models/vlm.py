@@ -137,8 +137,13 @@ class VisionLanguageModel(nn.Module):
         embeds = self._merge(input_ids, embeds, visual, image_counts, sample_ids)
         try:
             if labels is not None and not return_logits and not use_cache and self.llm.plain_lm_head:
+                # use_cache=False also matters for packed rows: with a cache, transformers skips detecting
+                # the packed samples from position_ids and lets them attend to each other.
                 hidden = self.llm.decoder(
-                    inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+                    inputs_embeds=embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
                 ).last_hidden_state  # [B, T, D]
                 return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head))
             out = self.llm(

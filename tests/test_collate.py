@@ -220,3 +220,18 @@ def test_length_grouped_sampler_resumes_mid_epoch():
     assert len(list(resumed)) == 100
     with pytest.raises(ValueError, match="seed"):
         resumed.load_state_dict({"epoch": 0, "position": 0, "seed": 4})
+
+
+def test_stage_data_passes_the_mega_batch_size_to_the_sampler():
+    from types import SimpleNamespace
+
+    from vlmkit.train.data import StageData
+
+    lengths = torch.randint(1, 500, (96,), generator=torch.Generator().manual_seed(1)).tolist()
+    fake = SimpleNamespace(lengths=lengths, __len__=lambda: 96)
+    orders = {}
+    for mult in (None, 2):
+        data = StageData(fake, None, None, 4, 3, True, length_group_mult=mult)
+        orders[mult] = data.epoch_order(0)
+        assert orders[mult] == LengthGroupedSampler(lengths, 4, seed=3, mega_batch_mult=mult).indices(0)
+    assert orders[None] != orders[2]

@@ -181,6 +181,9 @@ class DataConfig:
     )
     packing: bool = False
     group_by_length: bool = False
+    # group_by_length: batches per length-sorted mega-batch (None: HF's min(50, n / (4 x batch))); a few keeps
+    # the batches' contents mixed (tasks, sources) while still cutting most padding
+    length_group_mult: int | None = None
     merge_turns: bool = False  # training split: one multi-turn conversation per image (LLaVA-1.5's VQA mix)
     max_bad: float = 0.05
 

@@ -61,6 +61,7 @@ class StageData:
     world: int = 1
     device: torch.device = torch.device("cpu")
     feature_cache: Any = None
+    length_group_mult: int | None = None
 
     @classmethod
     def build(
@@ -100,6 +101,7 @@ class StageData:
             strategy.rank,
             strategy.world,
             getattr(strategy, "device", torch.device("cpu")),
+            length_group_mult=data_cfg.length_group_mult,
         )
         if recipe.train.feature_cache:
             from vlmkit.train.feature_cache import maybe_feature_cache
@@ -124,7 +126,9 @@ class StageData:
 
     def epoch_order(self, epoch: int) -> list[int]:
         if self.group_by_length:
-            sampler = LengthGroupedSampler(self.train.lengths, self.global_batch, seed=self.seed)
+            sampler = LengthGroupedSampler(
+                self.train.lengths, self.global_batch, seed=self.seed, mega_batch_mult=self.length_group_mult
+            )
             sampler.set_epoch(epoch)
             return list(sampler.indices())
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

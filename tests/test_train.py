@@ -242,3 +242,27 @@ def test_gradient_checkpointing_gives_the_same_losses(reference_run, tmp_path):
     assert sorted(ckpt) == sorted(ref)
     for step in ref:
         assert ckpt[step] == pytest.approx(ref[step], abs=1e-5), step
+
+
+def test_recipe_tower_pretraining_reruns_only_when_its_settings_change(tmp_path):
+    import json
+    import shutil
+
+    from vlmkit.config import RecipeConfig, load_config
+    from vlmkit.train.trainer import Trainer
+
+    def run(steps: int) -> dict:
+        for entry in tmp_path.iterdir():  # a fresh run in the same directory, keeping its data and tower
+            if entry.name not in ("vision-pretrain", "data"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        recipe = load_config(RecipeConfig, "quickstart-tiny", [f"pretrain_vision.steps={steps}"])
+        recipe.stages = recipe.stages[:1]
+        recipe.stages[0].max_steps = 1
+        Trainer(recipe, tmp_path).run()
+        return json.loads((tmp_path / "vision-pretrain" / "metrics.json").read_text())
+
+    assert run(2)["steps"] == 2
+    stamp = (tmp_path / "vision-pretrain" / "vision.safetensors").stat().st_mtime_ns
+    assert run(2)["steps"] == 2  # same settings: the pretrained tower is reused as it is
+    assert (tmp_path / "vision-pretrain" / "vision.safetensors").stat().st_mtime_ns == stamp
+    assert run(3)["steps"] == 3  # other settings: pretrained again, not silently reused

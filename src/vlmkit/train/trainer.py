@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmkit.config import RecipeConfig, StageConfig, save_yaml
+from vlmkit.config import RecipeConfig, StageConfig, load_yaml, save_yaml, to_dict
 from vlmkit.log import get_logger
 from vlmkit.memory import release_free_memory
 from vlmkit.models.vlm import VisionLanguageModel
@@ -189,13 +189,21 @@ class Trainer:
         from vlmkit.train.pretrain_vision import pretrain_vision
 
         out = self.out / "vision-pretrain"
-        if self.strategy.is_main and not (out / "vision.safetensors").is_file():
+        if self.strategy.is_main:
             cfg = self._pretrain_cfg
             if cfg.data is None:
                 data = prepare_data(self.recipe.data, self.out)
                 cfg = dataclasses.replace(cfg, data=data.train, image_root=cfg.image_root or data.image_root)
-            log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
-            pretrain_vision(cfg, out)
+            done = (out / "vision.safetensors").is_file()
+            saved = out / "pretrain_config.yaml"
+            if done and saved.is_file() and load_yaml(saved) != to_dict(cfg):
+                log.warning(
+                    "%s was pretrained with other settings than this recipe's: pretraining again", out
+                )
+                done = False
+            if not done:
+                log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
+                pretrain_vision(cfg, out)
         self.strategy.barrier()
         self.recipe.model.vision.path = str(out)
         if self._given_model is not None:

@@ -13,6 +13,7 @@ from vlmkit.data.collate import (
     model_inputs,
     padded_sample_index,
     per_sample_token_loss,
+    sample_label_weights,
 )
 from vlmkit.models.vlm import IGNORE_INDEX
 
@@ -142,6 +143,17 @@ def test_packed_matches_unpacked_per_sample_loss(tiny_vlm):
         train_u = tiny_vlm(**model_inputs(unpacked), return_logits=False).loss
         train_p = tiny_vlm(**model_inputs(packed), return_logits=False).loss
     assert torch.allclose(train_u, out_u.loss, atol=1e-5) and torch.allclose(train_p, out_u.loss, atol=1e-5)
+    # Sample averaging: every sample's mean counts once, however many label tokens it has.
+    w_u = sample_label_weights(unpacked["labels"], padded_sample_index(unpacked["attention_mask"]))
+    w_p = sample_label_weights(packed["labels"], packed["sample_index"])
+    assert torch.allclose(w_u.sum(), torch.tensor(4.0)) and torch.allclose(w_p.sum(), torch.tensor(4.0))
+    per_sample = (loss_u / n_u).mean()
+    assert not torch.allclose(per_sample, out_u.loss, atol=1e-3)  # the two averages differ on this batch
+    with torch.no_grad():
+        for batch, w in ((unpacked, w_u), (packed, w_p)):
+            for return_logits in (True, False):
+                got = tiny_vlm(**model_inputs(batch), label_weights=w, return_logits=return_logits).loss
+                assert torch.allclose(got, per_sample, atol=1e-5), (got, per_sample)
 
 
 def test_packed_attention_is_isolated(tiny_vlm):
@@ -235,3 +247,24 @@ def test_stage_data_passes_the_mega_batch_size_to_the_sampler():
         orders[mult] = data.epoch_order(0)
         assert orders[mult] == LengthGroupedSampler(lengths, 4, seed=3, mega_batch_mult=mult).indices(0)
     assert orders[None] != orders[2]
+
+
+def test_stage_loss_average_sample_adds_label_weights(tmp_path):
+    from vlmkit.config import RecipeConfig, load_config
+    from vlmkit.models.vlm import VisionLanguageModel
+    from vlmkit.train.data import StageData
+    from vlmkit.train.distributed import build_strategy
+
+    recipe = load_config(RecipeConfig, "quickstart-tiny", ["train.feature_cache=false"])
+    model = VisionLanguageModel.from_config(recipe.model)
+    stage = recipe.stages[1]
+    for average in ("token", "sample"):
+        stage.loss_average = average
+        data = StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))
+        batch, _, _ = data.next_batch(0, 0)
+        assert ("label_weights" in batch) == (average == "sample")
+        if average == "sample":  # one unit of weight per sample of the batch
+            assert torch.allclose(batch["label_weights"].sum(), torch.tensor(float(stage.batch_size)))
+    stage.loss_average = "per-task"
+    with pytest.raises(ValueError, match="loss_average"):
+        StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))

@@ -228,6 +228,9 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    # token: mean over the batch's label tokens; sample: each sample's mean, then the mean over samples (a
+    # 1-token answer then weighs as much as a 30-token one)
+    loss_average: str = "token"
     tasks: list[str] = field(default_factory=list)  # ShapesWorld task types for this stage (empty: all)
     train_file: str | None = None  # overrides data.train for this stage
     val_file: str | None = None

@@ -24,6 +24,7 @@ MODEL_INPUT_KEYS = (
     "image_counts",
     "sample_ids",
     "vision_features",
+    "label_weights",
 )
 
 
@@ -214,6 +215,21 @@ def per_sample_token_loss(
         0, idx, torch.ones_like(idx)
     )
     return loss, count
+
+
+def sample_label_weights(labels: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+    """Per-position loss weights [B, T] that make a weighted token mean equal the mean over samples of each
+    sample's mean token loss: 1 / (the sample's label count) at its label positions (labels as the model takes
+    them: position t holds the target predicted from t-1), 0 elsewhere. Works for packed and padded batches."""
+    owner = torch.where(labels != IGNORE_INDEX, sample_index, -1)  # [B, T]
+    owner[:, 0] = -1  # the first position is never predicted
+    flat = owner.reshape(-1)
+    keep = flat >= 0
+    counts = torch.zeros(int(flat.max().clamp(min=0)) + 1, dtype=torch.float32, device=labels.device)
+    counts.index_add_(0, flat[keep], torch.ones_like(flat[keep], dtype=torch.float32))
+    weights = torch.zeros(flat.shape, dtype=torch.float32, device=labels.device)
+    weights[keep] = 1.0 / counts[flat[keep]]
+    return weights.reshape(labels.shape)
 
 
 def padded_sample_index(attention_mask: torch.Tensor) -> torch.Tensor:

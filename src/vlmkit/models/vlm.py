@@ -121,12 +121,14 @@ class VisionLanguageModel(nn.Module):
         use_cache: bool = False,
         vision_features: torch.Tensor | None = None,
         return_logits: bool = True,
+        label_weights: torch.Tensor | None = None,
     ) -> VLMOutput:
         """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order (or
         `vision_features` [I, N, Dv], a frozen tower's cached output).
 
         With labels and `return_logits=False` (training), the LM head runs only where a label is set: the same
-        loss without the [B, T, vocab] logits.
+        loss without the [B, T, vocab] logits. `label_weights` [B, T] (aligned with labels) turn the token mean
+        into a weighted mean (`sample_label_weights`: the mean over samples).
         """
         embeds = self.llm.embed(input_ids)  # [B, T, D]
         visual = None
@@ -145,7 +147,7 @@ class VisionLanguageModel(nn.Module):
                     position_ids=position_ids,
                     use_cache=False,
                 ).last_hidden_state  # [B, T, D]
-                return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head))
+                return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head, label_weights))
             out = self.llm(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -156,7 +158,7 @@ class VisionLanguageModel(nn.Module):
         finally:
             if self.fusion is not None:
                 self.fusion.clear()
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
+        loss = causal_lm_loss(out.logits, labels, label_weights) if labels is not None else None
         return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
 
     def _merge(
@@ -373,21 +375,41 @@ def media_by_row(visual: torch.Tensor, is_image: torch.Tensor) -> tuple[torch.Te
     return media, media_index
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are aligned with inputs and shifted here (the one place)."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are aligned with inputs and shifted here (the one place).
+    `weights` [B, T] (aligned with labels): a weighted mean instead."""
     shift_logits = logits[:, :-1].float()  # [B, T-1, V]
     shift_labels = labels[:, 1:]  # [B, T-1]
-    return nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    if weights is None:
+        return nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+    keep = shift_labels != IGNORE_INDEX
+    return _weighted_ce(shift_logits[keep], shift_labels[keep], weights[:, 1:][keep])
 
 
-def labelled_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    nll = nn.functional.cross_entropy(logits, target, reduction="none")
+    w = weights.to(nll.dtype)
+    return (nll * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def labelled_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """`causal_lm_loss` computed from hidden states [B, T, D], running the LM head only at positions whose
     next-token label is set (equal to the full computation; far cheaper for large vocabularies)."""
     target = labels[:, 1:]  # [B, T-1]
     keep = target != IGNORE_INDEX
     logits = lm_head(hidden[:, :-1][keep]).float()  # [K, V]
+    if weights is not None:
+        return _weighted_ce(logits, target[keep], weights[:, 1:][keep])
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return nn.functional.cross_entropy(logits, target[keep])

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 
 from vlmkit.config import DataConfig, RecipeConfig, StageConfig
-from vlmkit.data.collate import Collator, LengthGroupedSampler, PackingCollator, model_inputs
+from vlmkit.data.collate import (
+    Collator,
+    LengthGroupedSampler,
+    PackingCollator,
+    model_inputs,
+    padded_sample_index,
+    sample_label_weights,
+)
 from vlmkit.data.dataset import VLMDataset
 from vlmkit.log import get_logger
 
@@ -62,6 +69,7 @@ class StageData:
     device: torch.device = torch.device("cpu")
     feature_cache: Any = None
     length_group_mult: int | None = None
+    loss_average: str = "token"
 
     @classmethod
     def build(
@@ -73,6 +81,10 @@ class StageData:
             raise ValueError(
                 f"stage '{stage.name}' has no training data: set data.train, data.synthetic or "
                 "the stage's train_file"
+            )
+        if stage.loss_average not in ("token", "sample"):
+            raise ValueError(
+                f"stage '{stage.name}': loss_average must be 'token' or 'sample', not '{stage.loss_average}'"
             )
         tasks = stage.tasks or None
         train = VLMDataset.from_config(
@@ -102,6 +114,7 @@ class StageData:
             strategy.world,
             getattr(strategy, "device", torch.device("cpu")),
             length_group_mult=data_cfg.length_group_mult,
+            loss_average=stage.loss_average,
         )
         if recipe.train.feature_cache:
             from vlmkit.train.feature_cache import maybe_feature_cache
@@ -149,6 +162,11 @@ class StageData:
         batch = self.collate(items)
         if self.feature_cache is not None:
             batch = self.feature_cache.replace_pixels(batch, items)
+        if self.loss_average == "sample" and batch.get("labels") is not None:
+            owner = batch.get("sample_index")
+            if owner is None:
+                owner = padded_sample_index(batch["attention_mask"])
+            batch["label_weights"] = sample_label_weights(batch["labels"], owner)
         batch = model_inputs(batch)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

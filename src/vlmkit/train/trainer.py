@@ -197,10 +197,15 @@ class Trainer:
             done = (out / "vision.safetensors").is_file()
             saved = out / "pretrain_config.yaml"
             if done and saved.is_file() and load_yaml(saved) != to_dict(cfg):
-                log.warning(
-                    "%s was pretrained with other settings than this recipe's: pretraining again", out
-                )
-                done = False
+                if self.resume:  # a resumed run keeps the tower its checkpoints were trained with
+                    log.warning(
+                        "%s was pretrained with other settings than the recipe's; --resume keeps it", out
+                    )
+                else:
+                    log.warning(
+                        "%s was pretrained with other settings than the recipe's: pretraining again", out
+                    )
+                    done = False
             if not done:
                 log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
                 pretrain_vision(cfg, out)

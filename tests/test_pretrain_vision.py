@@ -239,3 +239,16 @@ def test_pretrain_vision_end_to_end(tmp_path, shapes):
     out = pretrain_vision(_cfg(shapes["train"], steps=2), tmp_path / "e2e", progress=False)
     assert (out / "vision.safetensors").is_file()
     assert load_vision_config(out).path == str(out.resolve())
+
+
+@pytest.mark.parametrize("contrastive_weight", [1.0, 0.0])
+def test_progress_lines_show_only_the_losses_that_train(tmp_path, shapes, caplog, contrastive_weight):
+    import logging
+
+    cfg = _cfg(shapes["train"], steps=2, log_every=1, contrastive_weight=contrastive_weight)
+    with caplog.at_level(logging.INFO, logger="vlmkit"):
+        pretrain_vision(cfg, tmp_path / "out", progress=False)
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(steps) == 2
+    assert all(("in-batch acc" in m) == (contrastive_weight > 0) for m in steps), steps
+    assert all("dense" in m for m in steps)

@@ -69,7 +69,9 @@ class VisionLanguageModel(nn.Module):
         """Build every part named in `cfg` (pretrained weights are loaded where a part's kind has them)."""
         vision = build_vision_tower(cfg.vision)
         llm = build_llm(cfg.llm, tokenizer)
-        embed_rms = float(llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
+        embed_rms = 1.0  # the output norm's initial gain (cfg.bridge.out_norm): the LLM's embedding scale
+        if cfg.bridge.out_norm:
+            embed_rms = float(llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
         bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge, embed_rms)
         return cls(cfg, vision, bridge, llm)
 
@@ -389,12 +391,16 @@ def causal_lm_loss(
             ignore_index=IGNORE_INDEX,
         )
     keep = shift_labels != IGNORE_INDEX
-    return _weighted_ce(shift_logits[keep], shift_labels[keep], weights[:, 1:][keep])
+    return _selected_ce(shift_logits[keep], shift_labels[keep], weights[:, 1:][keep])
 
 
-def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _selected_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over already selected label positions [K, V] / [K]: the mean, or the `weights` [K]
+    weighted mean; 0 (still in the graph) when nothing is selected."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
+    if weights is None:
+        return nn.functional.cross_entropy(logits, target)
     nll = nn.functional.cross_entropy(logits, target, reduction="none")
     w = weights.to(nll.dtype)
     return (nll * w).sum() / w.sum().clamp(min=1e-12)
@@ -408,11 +414,7 @@ def labelled_lm_loss(
     target = labels[:, 1:]  # [B, T-1]
     keep = target != IGNORE_INDEX
     logits = lm_head(hidden[:, :-1][keep]).float()  # [K, V]
-    if weights is not None:
-        return _weighted_ce(logits, target[keep], weights[:, 1:][keep])
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return nn.functional.cross_entropy(logits, target[keep])
+    return _selected_ce(logits, target[keep], None if weights is None else weights[:, 1:][keep])
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:

@@ -706,15 +706,14 @@ def train_contrastive(
             ema_acc = w * ema_acc + (1 - w) * acc.item()
             ema_dense = w * ema_dense + (1 - w) * d_loss.item()
             bar.update(task, completed=min(1.0, done), step=step, loss=ema_loss, acc=ema_acc, dense=ema_dense)
-            if cfg.log_every and step % cfg.log_every == 0 and cfg.contrastive_weight > 0:
-                log.info(
-                    "step %d (%.0fs): loss %.3f, in-batch acc %.3f, dense %.3f, temp %.1f",
-                    step, elapsed, ema_loss, ema_acc, ema_dense, model.logit_scale.exp().item(),
-                )  # fmt: skip
-            elif (
-                cfg.log_every and step % cfg.log_every == 0
-            ):  # dense heads only: no contrastive numbers to show
-                log.info("step %d (%.0fs): dense loss %.3f", step, elapsed, ema_dense)
+            if cfg.log_every and step % cfg.log_every == 0:
+                if cfg.contrastive_weight > 0:
+                    log.info(
+                        "step %d (%.0fs): loss %.3f, in-batch acc %.3f, dense %.3f, temp %.1f",
+                        step, elapsed, ema_loss, ema_acc, ema_dense, model.logit_scale.exp().item(),
+                    )  # fmt: skip
+                else:  # dense heads only: no contrastive numbers to show
+                    log.info("step %d (%.0fs): dense loss %.3f", step, elapsed, ema_dense)
     seconds = time.perf_counter() - start
     model.eval()
     return {

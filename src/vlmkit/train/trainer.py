@@ -197,15 +197,10 @@ class Trainer:
             done = (out / "vision.safetensors").is_file()
             saved = out / "pretrain_config.yaml"
             if done and saved.is_file() and load_yaml(saved) != to_dict(cfg):
-                if self.resume:  # a resumed run keeps the tower its checkpoints were trained with
-                    log.warning(
-                        "%s was pretrained with other settings than the recipe's; --resume keeps it", out
-                    )
-                else:
-                    log.warning(
-                        "%s was pretrained with other settings than the recipe's: pretraining again", out
-                    )
-                    done = False
+                # a resumed run keeps the tower its checkpoints were trained with
+                action = "--resume keeps it" if self.resume else "pretraining again"
+                log.warning("%s was pretrained with other settings than the recipe's: %s", out, action)
+                done = self.resume
             if not done:
                 log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
                 pretrain_vision(cfg, out)

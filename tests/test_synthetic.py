@@ -298,3 +298,36 @@ def test_cli_synth_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_cli_rejects_bad_splits(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["data", "synth", str(tmp_path), "--splits", "train:5"])
+
+
+def test_describe_first_lists_the_objects_then_answers_and_scores_like_the_short_answer(
+    tmp_path: Path,
+) -> None:
+    from vlmkit.data.synthetic import described_answer
+    from vlmkit.eval.shapesworld import score_shapesworld
+
+    tasks = ["caption", "counting", "pope", "spatial"]
+    short = _load(generate_shapesworld(tmp_path / "a", 0, seed=5, tasks=tasks, splits={"train": 60})["train"])
+    argv = ["data", "synth", str(tmp_path / "b"), "--seed", "5", "--splits", "train=60"]
+    assert main([*argv, "--tasks", ",".join(tasks), "--describe-first", "counting,pope,spatial"]) == 0
+    described = _load(tmp_path / "b" / "train.json")
+    assert [r["id"] for r in described] == [r["id"] for r in short]
+    for plain, r in zip(short, described):
+        reply = r["conversations"][1]["value"]
+        assert r["answer"] == plain["answer"] and r["conversations"][0] == plain["conversations"][0]
+        if r["task"] == "caption" or not (r["answer"].isdigit() or r["answer"] in ("yes", "no")):
+            assert reply == r["answer"]  # captions and spatial questions that ask for a name stay short
+            continue
+        names = [f"{o['color']} {o['shape']}" for o in _objects(r)]
+        assert reply.startswith("I see") and reply.endswith(f" so {r['answer']}.")
+        assert re.findall(r"\ban? (\w+ \w+)", reply) == names, reply  # every object, left to right
+        objs = [ShapeObject(o["color"], o["shape"], o["size"], tuple(o["box"])) for o in _objects(r)]
+        assert reply == described_answer(objs, r["answer"], numbered=r["task"] == "counting")
+        if r["task"] == "counting":  # counts number the objects: "I see: first, a red circle; second, ..."
+            ordinals = re.findall(r"(\w+), an? \w+ \w+", reply)
+            assert ordinals == ["first", "second", "third", "fourth"][: len(names)], reply
+    # the metrics read a described reply as its short answer: replaying the replies scores 1.0 everywhere
+    scores = score_shapesworld(described, {r["id"]: r["conversations"][1]["value"] for r in described})
+    assert scores["counting_acc"] == scores["spatial_acc"] == scores["pope_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="describe_first"):
+        generate_shapesworld(tmp_path / "c", 2, seed=0, describe_first=["grounding"])

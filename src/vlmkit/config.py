@@ -154,6 +154,9 @@ class SynthConfig:
     noise: bool = False
     tasks: list[str] = field(default_factory=list)  # empty: all task types
     grounding_format: str = "qwen"
+    # tasks (counting, pope, spatial) whose training answers first list the objects, then answer:
+    # "I see a red circle and a blue square, so 2." -- metrics read the answer the same way
+    describe_first: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -57,6 +57,12 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-objects", type=int, default=3)
     p.add_argument("--noise", action="store_true", help="noisy background and gray distractors")
     p.add_argument(
+        "--describe-first",
+        type=_parse_tasks,
+        default=[],
+        help="tasks (counting,pope,spatial) whose answers first list the objects, then answer",
+    )
+    p.add_argument(
         "--grounding-format",
         default="qwen",
         choices=("qwen", "kosmos", "shikra", "pixel"),
@@ -78,6 +84,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         noise=args.noise,
         grounding_format=args.grounding_format,
         splits=args.splits,
+        describe_first=args.describe_first,
     )
     for split, path in paths.items():
         records = json.loads(path.read_text())

@@ -404,6 +404,24 @@ def _task_region(scene: Scene, rng: np.random.Generator, ctx: _Ctx) -> _QA:
     return q, _article(o.name), {"target": o.to_dict(), "grounding_format": ctx.grounding_format}
 
 
+# Tasks whose answer can be reasoned from the objects listed left to right (`describe_first`).
+DESCRIBABLE_TASKS: tuple[str, ...] = ("counting", "pope", "spatial")
+
+
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+def described_answer(objects: Sequence[ShapeObject], answer: str, numbered: bool = False) -> str:
+    """A short answer after the objects listed left to right, in one sentence: "I see a red circle and a
+    blue square, so yes." or, `numbered` (for counts), "I see: first, a red circle; second, a blue square;
+    so 2." The answer stays the reply's first number, and the POPE rule's first sentence holds "no" exactly
+    when the answer is no."""
+    if numbered and len(objects) <= len(_ORDINALS):
+        items = "; ".join(f"{_ORDINALS[i]}, {_article(o.name)}" for i, o in enumerate(objects))
+        return f"I see: {items}; so {answer}."
+    return f"I see {caption_for(objects).rstrip('.')}, so {answer}."
+
+
 _TASKS: dict[str, Callable[[Scene, np.random.Generator, _Ctx], _QA | None]] = {
     "caption": _task_caption,
     "attribute_qa": _task_attribute_qa,
@@ -424,8 +442,12 @@ def make_records(
     index: int = 0,
     pair_counts: Counter | None = None,
     grounding_format: str = "qwen",
+    describe_first: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """LLaVA-format records (one per task, unless a task has no unambiguous question) for one scene."""
+    """LLaVA-format records (one per task, unless a task has no unambiguous question) for one scene.
+
+    For tasks in `describe_first` a yes/no or number answer first lists the objects, then answers
+    (`described_answer`); the record's `answer` stays the short gold answer that metrics compare with."""
     ctx = _Ctx(index, pair_counts if pair_counts is not None else Counter(), grounding_format)
     records = []
     base_meta = scene.to_meta()
@@ -434,13 +456,20 @@ def make_records(
         if qa is None:
             continue
         question, answer, extra = qa
+        short = answer.isdigit() or answer in (
+            "yes",
+            "no",
+        )  # spatial also asks for names: those stay as they are
+        reply = answer
+        if task in describe_first and short:
+            reply = described_answer(scene.objects, answer, numbered=task == "counting")
         records.append(
             {
                 "id": f"{scene_id}-{task}",
                 "image": image,
                 "conversations": [
                     {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": answer},
+                    {"from": "gpt", "value": reply},
                 ],
                 "task": task,
                 "answer": answer,
@@ -477,17 +506,25 @@ def generate_shapesworld(
     noise: bool = False,
     grounding_format: str = "qwen",
     splits: dict[str, int] | None = None,
+    describe_first: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write PNGs under `out_dir/images/` and one LLaVA JSON per split; returns {split: json path}.
 
     `splits` maps split names to scene counts (default: all `n_scenes` in "train"). The same
-    arguments always give byte-identical files. No scene appears in two splits.
+    arguments always give byte-identical files. No scene appears in two splits. `describe_first`: tasks
+    whose answers first list the objects (see `make_records`).
     """
     unknown = [t for t in tasks if t not in _TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {list(_TASKS)}")
     if not tasks:
         raise ValueError("tasks must not be empty")
+    odd = [t for t in describe_first if t not in DESCRIBABLE_TASKS]
+    if odd:
+        raise ValueError(
+            f"describe_first: {odd} cannot be answered from the object list; choose from "
+            f"{list(DESCRIBABLE_TASKS)}"
+        )
     splits = dict(splits) if splits else {DEFAULT_SPLIT: n_scenes}
     if any(n < 0 for n in splits.values()):
         raise ValueError(f"split sizes must be >= 0: {splits}")
@@ -519,7 +556,9 @@ def generate_shapesworld(
             scene_id = f"{split}-{i:06d}"
             image = f"images/{scene_id}.png"
             render(scene).save(out / image, format="PNG")
-            records += make_records(scene, image, scene_id, rng, tasks, i, pair_counts, grounding_format)
+            records += make_records(
+                scene, image, scene_id, rng, tasks, i, pair_counts, grounding_format, describe_first
+            )
         path = out / f"{split}.json"
         _write_atomic(path, json.dumps(records, indent=1).encode())
         paths[split], counts[split] = path, len(records)
@@ -532,6 +571,7 @@ def generate_shapesworld(
         "max_objects": max_objects,
         "noise": noise,
         "grounding_format": grounding_format,
+        "describe_first": list(describe_first),
         "splits": {s: {"scenes": splits[s], "records": counts[s], "file": paths[s].name} for s in splits},
         "colors": {k: list(v) for k, v in COLORS.items()},
         "shapes": list(SHAPES),
@@ -545,10 +585,12 @@ __all__ = [
     "COLORS",
     "POPE_SPLITS",
     "SHAPES",
+    "DESCRIBABLE_TASKS",
     "Distractor",
     "Scene",
     "ShapeObject",
     "caption_for",
+    "described_answer",
     "generate_shapesworld",
     "make_records",
     "make_scene",

@@ -45,6 +45,7 @@ def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool = True, barrier: 
             max_objects=syn.max_objects,
             noise=syn.noise,
             grounding_format=syn.grounding_format,
+            describe_first=syn.describe_first,
             splits={"train": syn.n_train, "val": syn.n_val, "test": syn.n_test},
         )
     if barrier is not None:

@@ -252,3 +252,20 @@ def test_progress_lines_show_only_the_losses_that_train(tmp_path, shapes, caplog
     assert len(steps) == 2
     assert all(("in-batch acc" in m) == (contrastive_weight > 0) for m in steps), steps
     assert all("dense" in m for m in steps)
+
+
+@pytest.mark.parametrize("contrastive", [True, False])
+def test_progress_bar_shows_only_the_losses_that_train(contrastive):
+    import io
+
+    from rich.console import Console
+
+    from vlmkit.train.pretrain_vision import _progress_bar
+
+    bar = _progress_bar(True, contrastive)
+    bar.add_task("pretrain", total=1.0, step=7, loss=0.5, acc=0.25, dense=0.125)
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(bar.make_tasks_table(bar.tasks))
+    text = console.export_text()
+    assert "step 7" in text and "dense 0.125" in text
+    assert ("loss 0.500" in text and "acc 0.25" in text) == contrastive, text

@@ -581,15 +581,16 @@ def _lr_factor(progress: float, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1 - warmup))))
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, contrastive: bool = True):
+    """The bar; its contrastive loss / in-batch accuracy columns only when that loss is on."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    numbers = ["loss {task.fields[loss]:.3f}", "acc {task.fields[acc]:.2f}"] if contrastive else []
     return Progress(
         TextColumn("[bold]pretrain-vision"),
         BarColumn(),
         TextColumn("step {task.fields[step]}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("acc {task.fields[acc]:.2f}"),
+        *[TextColumn(text) for text in numbers],
         TextColumn("dense {task.fields[dense]:.3f}"),
         TimeElapsedColumn(),
         disable=not enabled,
@@ -652,7 +653,7 @@ def train_contrastive(
     order, pos = torch.randperm(len(data), generator=gen), 0
     step, start, ema_loss, ema_acc, ema_dense = 0, time.perf_counter(), 0.0, 0.0, 0.0
     model.train()
-    with _progress_bar(progress) as bar:
+    with _progress_bar(progress, cfg.contrastive_weight > 0) as bar:
         task = bar.add_task("pretrain", total=1.0, step=0, loss=0.0, acc=0.0, dense=0.0)
         while True:
             elapsed = time.perf_counter() - start

@@ -36,6 +36,11 @@ def test_tiny_quickstart_end_to_end(tmp_path, capsys):
     assert len(results["text_answers"]["before"]) == len(TEXT_QUESTIONS)
     assert results["wall_s"] > 0 and 0 < results["peak_rss_gib"] < 8
     assert (out / "quickstart-results.png").stat().st_size > 1000
+    # counting and POPE are trained on replies that list the objects first (data.synthetic.describe_first)
+    train = json.loads((out / "data" / "train.json").read_text())
+    replies = {r["task"]: r["conversations"][1]["value"] for r in train}
+    assert replies["pope"].startswith("I see ") and replies["counting"].startswith("I see: first, ")
+    assert not replies["caption"].startswith("I see")
     # the tower was pretrained first, and stage 1 (align) kept it frozen at those weights
     pretrained = load_file(str(out / "vision-pretrain" / "vision.safetensors"))
     align = VisionLanguageModel.from_pretrained(out / "stages" / "0-align" / "model")

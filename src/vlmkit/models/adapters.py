@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import AdapterConfig
-from vlmkit.models.llm import LanguageModel
+from vlmkit.models.llm import DecoderLayerWrapper, LanguageModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -38,41 +38,21 @@ class BottleneckAdapter(nn.Module):
         return x + self.up(self.act(self.down(h))).to(x.dtype)
 
 
-class AdapterDecoderLayer(nn.Module):
-    """Wraps one LLM decoder layer instance: the untouched layer, then its adapter on the hidden states.
+class AdapterDecoderLayer(DecoderLayerWrapper):
+    """One LLM decoder layer, then its adapter (owned by `LLMAdapters.blocks`) on the hidden states."""
 
-    The adapter is not registered here (`LLMAdapters.blocks` owns it), so its parameters are saved and trained
-    once, under the top-level `adapters.` part; the original layer keeps its weights under `.layer`.
-    """
-
-    def __init__(self, layer: nn.Module, adapter: BottleneckAdapter, index: int) -> None:
-        super().__init__()
-        self.layer = layer
-        object.__setattr__(self, "_adapter", adapter)  # a plain attribute: no double registration
-        self.index = index
+    owner = "adapter=adapters.blocks"
 
     @property
     def adapter(self) -> BottleneckAdapter:
-        return self._adapter
-
-    def extra_repr(self) -> str:
-        return f"adapter=adapters.blocks[{self.index}] (not registered here)"
+        return self._block
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Same signature and return value as the wrapped layer (a tensor, or a tuple led by the hidden states)."""
         out = self.layer(*args, **kwargs)
         if isinstance(out, tuple):
-            return (self._adapter(out[0]), *out[1:])
-        return self._adapter(out)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_modules", {}).get("layer")
-            if layer is None:
-                raise
-            return getattr(layer, name)  # e.g. `attention_type`, read by some HF decoder loops
+            return (self._block(out[0]), *out[1:])
+        return self._block(out)
 
 
 def adapter_layers(num_layers: int, every: int) -> list[int]:

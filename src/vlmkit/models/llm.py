@@ -200,3 +200,33 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) 
     """Load the LLM named by `cfg.kind`; `tokenizer` overrides the loader's (used when reloading a saved model)."""
     model, tok = LLM_LOADERS.get(cfg.kind)(cfg, tokenizer)
     return LanguageModel(model, tok, cfg)
+
+
+class DecoderLayerWrapper(nn.Module):
+    """Wraps one LLM decoder layer instance in place, adding a block that another module owns.
+
+    The block is kept as a plain attribute (not a submodule), so its parameters are saved and trained once,
+    under the owner (`fusion.blocks[i]`, `adapters.blocks[i]`); the original layer keeps its weights under
+    `.layer`, and attributes the wrapper lacks are read from the layer (HF decoder loops read e.g.
+    `attention_type`).
+    """
+
+    owner = "blocks"  # where the block is registered, for the module's repr
+
+    def __init__(self, layer: nn.Module, block: nn.Module, index: int) -> None:
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "_block", block)
+        self.index = index
+
+    def extra_repr(self) -> str:
+        return f"{self.owner}[{self.index}] (not registered here)"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlmkit.config import FusionConfig
-from vlmkit.models.llm import LanguageModel
+from vlmkit.models.llm import DecoderLayerWrapper, LanguageModel
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -103,29 +103,20 @@ class MediaState:
         self.media, self.media_index = media, media_index
 
 
-class XAttnDecoderLayer(nn.Module):
-    """Wraps one LLM decoder layer: gated cross-attention on its input, then the untouched original layer.
+class XAttnDecoderLayer(DecoderLayerWrapper):
+    """One LLM decoder layer with gated cross-attention (owned by `XAttnFusion.blocks`) on its input first."""
 
-    The block is not registered here (`XAttnFusion.blocks` owns it), so its parameters are saved and
-    trained once, under `fusion.`; the original layer keeps its weights under `.layer`.
-    """
+    owner = "xattn=fusion.blocks"
 
     def __init__(
         self, layer: nn.Module, xattn: GatedCrossAttentionBlock, index: int, state: MediaState
     ) -> None:
-        super().__init__()
-        self.layer = layer
-        # Plain attributes (not submodules): no double registration of the block's parameters.
-        object.__setattr__(self, "_xattn", xattn)
-        object.__setattr__(self, "_state", state)
-        self.index = index
+        super().__init__(layer, xattn, index)
+        object.__setattr__(self, "_state", state)  # shared with the fusion module, not a submodule
 
     @property
     def xattn(self) -> GatedCrossAttentionBlock:
-        return self._xattn
-
-    def extra_repr(self) -> str:
-        return f"xattn=fusion.blocks[{self.index}] (not registered here)"
+        return self._block
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Same signature and return value as the wrapped layer; hidden_states [B, T, D] go through xattn first."""
@@ -145,7 +136,7 @@ class XAttnDecoderLayer(nn.Module):
                 f"media_index {tuple(state.media_index.shape)} does not match hidden states "
                 f"{tuple(hidden.shape[:2])}: call set_media with one index per token of this forward"
             )
-        block = self._xattn
+        block = self._block
         dtype = block.q_proj.weight.dtype
         media = state.media.to(dtype)
         kv = None
@@ -154,15 +145,6 @@ class XAttnDecoderLayer(nn.Module):
             if kv is None:
                 kv = state.kv[self.index] = block.keys_values(media)
         return block(hidden.to(dtype), media, state.media_index, kv).to(hidden.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_modules", {}).get("layer")
-            if layer is None:
-                raise
-            return getattr(layer, name)  # e.g. `attention_type`, read by some HF decoder loops
 
 
 class XAttnFusion(nn.Module):

@@ -456,12 +456,9 @@ def make_records(
         if qa is None:
             continue
         question, answer, extra = qa
-        short = answer.isdigit() or answer in (
-            "yes",
-            "no",
-        )  # spatial also asks for names: those stay as they are
         reply = answer
-        if task in describe_first and short:
+        # a number or yes/no only: spatial questions that ask for a name keep their answer
+        if task in describe_first and (answer.isdigit() or answer in ("yes", "no")):
             reply = described_answer(scene.objects, answer, numbered=task == "counting")
         records.append(
             {

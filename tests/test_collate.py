@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import (
     Collator,
     LengthGroupedSampler,
@@ -15,7 +16,6 @@ from vlmkit.data.collate import (
     per_sample_token_loss,
     sample_label_weights,
 )
-from vlmkit.models.vlm import IGNORE_INDEX
 
 
 def _item(sid: str, ids: list[int], n_prompt: int, images: int = 0, size: int = 32, seed: int = 0) -> dict:

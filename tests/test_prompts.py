@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmkit.config import LLMConfig
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import Message, Sample, SampleError, parse_record
 from vlmkit.data.prompts import (
     BUILTIN_TEMPLATES,
@@ -13,8 +14,8 @@ from vlmkit.data.prompts import (
     render_prompt,
     resolve_template,
 )
-from vlmkit.models.llm import CHATML_TEMPLATE, build_llm
-from vlmkit.models.vlm import IGNORE_INDEX
+from vlmkit.models.llm import build_llm
+from vlmkit.templates import CHATML_TEMPLATE
 
 VICUNA_SYS = (
     "A chat between a curious user and an artificial intelligence assistant. "

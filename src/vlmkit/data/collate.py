@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.log import get_logger
-from vlmkit.models.vlm import IGNORE_INDEX
 
 log = get_logger(__name__)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.config import DataConfig
+from vlmkit.constants import IMAGE_MARKER
 from vlmkit.log import get_logger
 from vlmkit.registry import Registry
 
 log = get_logger(__name__)
 
-IMAGE_MARKER = "<image>"
 SAMPLE_ERROR_REASONS = (
     "bad_schema",
     "no_assistant_turn",

@@ -6,49 +6,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import IMAGE_MARKER, Message, Sample, SampleError, split_markers
 from vlmkit.log import get_logger
-from vlmkit.models.llm import CHATML_TEMPLATE
-from vlmkit.models.vlm import IGNORE_INDEX
+from vlmkit.templates import BUILTIN_TEMPLATES, resolve_template
 
 log = get_logger(__name__)
 
 TokensPerImage = int | Callable[[int], int]
-
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-
-# FastChat `vicuna_v1`: "<system> USER: <q> ASSISTANT: <a></s>USER: ..." (seps " " and EOS).
-VICUNA_V1_TEMPLATE = (
-    "{{ bos_token if bos_token is defined and bos_token else '' }}"
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
-    '{% else %}{{ "' + VICUNA_V1_SYSTEM + ' " }}{% endif %}'
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-# LLaVA pretraining ("plain"): the user turn's image placeholders (its text dropped), then caption + EOS.
-PLAIN_TEMPLATE = (
-    "{{ bos_token if bos_token is defined and bos_token else '' }}"
-    "{% set image_token = image_token if image_token is defined else '<image>' %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ image_token * message['content'].count(image_token) }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-)
-
-BUILTIN_TEMPLATES: dict[str, str] = {
-    "chatml": CHATML_TEMPLATE,
-    "vicuna_v1": VICUNA_V1_TEMPLATE,
-    "plain": PLAIN_TEMPLATE,
-}
 
 
 @dataclass
@@ -64,23 +29,6 @@ class EncodedSample:
 
 
 # ------------------------------------------------------------------------------------------------ templates
-def resolve_template(tokenizer: Any, name: str = "auto") -> str:
-    """The jinja chat template for `name`: `auto` = the tokenizer's own (else chatml), a built-in name, or a
-    jinja string itself."""
-    if name == "auto":
-        own = getattr(tokenizer, "chat_template", None)
-        if isinstance(own, dict):
-            own = own.get("default")
-        return own or BUILTIN_TEMPLATES["chatml"]
-    if name in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[name]
-    if "{{" in name or "{%" in name:
-        return name
-    raise ValueError(
-        f"unknown chat template '{name}'; known: auto, {', '.join(BUILTIN_TEMPLATES)} (or a jinja string)"
-    )
-
-
 def _content_text(message: Message, image_token: str) -> str:
     """A message as one string: each image part is `image_token`; a newline separates an image from text that
     follows it directly (LLaVA's `<image>\\n` convention)."""

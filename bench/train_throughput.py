@@ -203,7 +203,7 @@ def micro_batches(
 def bench_packing(instruct: Path, args: argparse.Namespace) -> list[dict[str, float]]:
     model = instruct_model()
     cfg = DataConfig(max_length=DATA_MAX_LENGTH)
-    dataset = VLMDataset.from_config(cfg, instruct, model)
+    dataset = VLMDataset.from_config(cfg, instruct, model.processor)
     lengths = dataset.lengths
     size, accum = args.micro_batch, args.accum
     steps = len(dataset) // (size * accum)
@@ -228,7 +228,7 @@ def bench_cache(captions: Path, run_dir: Path, args: argparse.Namespace) -> dict
     pad = model.tokenizer.pad_token_id
 
     def stage_data() -> StageData:
-        train = VLMDataset.from_config(cfg, captions, model)
+        train = VLMDataset.from_config(cfg, captions, model.processor)
         return StageData(train, None, Collator(pad, "right"), args.micro_batch, seed=0, group_by_length=False)
 
     def batches(data: StageData) -> Callable[[int], dict[str, Any]]:

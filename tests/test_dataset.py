@@ -14,16 +14,16 @@ import torch
 
 from vlmkit.cli import main
 from vlmkit.config import DataConfig
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator, model_inputs
 from vlmkit.data.dataset import (
     DataQualityError,
     DataReport,
-    ImageSettings,
     VLMDataset,
     check_data,
     read_samples,
 )
-from vlmkit.models.vlm import IGNORE_INDEX
+from vlmkit.data.processor import ImageProcessor
 
 from conftest import random_image
 
@@ -131,7 +131,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset(corpus, tiny_vlm) -> VLMDataset:
-    return VLMDataset.from_config(DataConfig(max_length=MAX_LENGTH, max_bad=1.0), corpus, tiny_vlm)
+    return VLMDataset.from_config(DataConfig(max_length=MAX_LENGTH, max_bad=1.0), corpus, tiny_vlm.processor)
 
 
 def test_report_counts_every_reason_and_keeps_every_good_sample(dataset):
@@ -147,7 +147,9 @@ def test_report_counts_every_reason_and_keeps_every_good_sample(dataset):
 
 def test_rejections_logged_once_per_reason(corpus, tiny_vlm, caplog):
     with caplog.at_level(logging.WARNING, logger="vlmkit"), pytest.raises(DataQualityError, match="max_bad"):
-        VLMDataset.from_config(DataConfig(max_length=MAX_LENGTH), corpus, tiny_vlm)  # 13/21 bad > 5%
+        VLMDataset.from_config(
+            DataConfig(max_length=MAX_LENGTH), corpus, tiny_vlm.processor
+        )  # 13/21 bad > 5%
     skipped = [r.getMessage() for r in caplog.records if "skipping sample" in r.getMessage()]
     assert len(skipped) == len(EXPECTED)  # one line per reason, not per sample
     missing = [m for m in skipped if "missing_file" in m]
@@ -156,7 +158,7 @@ def test_rejections_logged_once_per_reason(corpus, tiny_vlm, caplog):
 
 def test_threaded_validation_matches(corpus, tiny_vlm, dataset):
     cfg = DataConfig(max_length=MAX_LENGTH, max_bad=1.0)
-    threaded = VLMDataset.from_config(cfg, corpus, tiny_vlm, num_workers=2)
+    threaded = VLMDataset.from_config(cfg, corpus, tiny_vlm.processor, num_workers=2)
     assert threaded.report == dataset.report
     assert [e.input_ids for e in threaded.encoded] == [e.input_ids for e in dataset.encoded]
 
@@ -185,10 +187,9 @@ def test_items_and_batches_match_the_model(dataset, tiny_vlm):
 
 
 def test_anyres_tiles_and_pad_resize(corpus, tiny_vlm):
-    cfg = DataConfig(
-        max_length=MAX_LENGTH, max_bad=1.0, resize="anyres", anyres_grid=[[64, 32], [32, 64], [64, 64]]
-    )
-    ds = VLMDataset.from_config(cfg, corpus, tiny_vlm)
+    cfg = DataConfig(max_length=MAX_LENGTH, max_bad=1.0)
+    anyres = tiny_vlm.processor.replace(resize="anyres", anyres_grid=[[64, 32], [32, 64], [64, 64]])
+    ds = VLMDataset.from_config(cfg, corpus, anyres)
     item = ds[0]  # a 40x30 image: best grid 64x32 -> 2 tiles + the global view
     assert item["num_tiles"] == [3] and item["pixel_values"].shape == (3, 3, 32, 32)
     assert (item["input_ids"] == tiny_vlm.image_token_id).sum().item() == tiny_vlm.tokens_per_image(3)
@@ -197,7 +198,7 @@ def test_anyres_tiles_and_pad_resize(corpus, tiny_vlm):
     with torch.no_grad():
         assert torch.isfinite(tiny_vlm(**model_inputs(batch)).loss)
 
-    settings = ImageSettings(image_size=32, resize="pad", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    settings = ImageProcessor(image_size=32, resize="pad", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     wide = settings.tensors(random_image(3, (64, 16)))  # [1, 3, 32, 32]: letterboxed, mean-colored bars
     assert wide.shape == (1, 3, 32, 32)
     assert wide[0, :, :8].abs().max() < 0.01 and wide[0, :, 12:20].abs().max() > 0.1
@@ -206,13 +207,7 @@ def test_anyres_tiles_and_pad_resize(corpus, tiny_vlm):
 def test_all_labels_masked_is_a_reason_not_a_crash(corpus, tiny_vlm):
     samples = [s for s in read_samples(corpus) if s.id.startswith("ok-")][:3]
     user_only = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    ds = VLMDataset(
-        samples,
-        tiny_vlm.tokenizer,
-        images=ImageSettings(image_root=corpus.parent, image_size=32),
-        tokens_per_image=16,
-        template=user_only,
-    )
+    ds = VLMDataset(samples, tiny_vlm.processor.replace(template=user_only), image_root=corpus.parent)
     assert len(ds) == 0 and dict(ds.report.rejected) == {"all_labels_masked": 3}
 
 
@@ -287,9 +282,9 @@ def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_
 
     paths = generate_shapesworld(tmp_path, 5, seed=3, image_size=32)
     records = json.loads(paths["train"].read_text())
-    cfg = DataConfig(max_length=1024, template="chatml")
-    single = VLMDataset.from_config(cfg, paths["train"], tiny_vlm)
-    merged = VLMDataset.from_config(cfg, paths["train"], tiny_vlm, merge_turns=True)
+    cfg, chatml = DataConfig(max_length=1024), tiny_vlm.processor.replace(template="chatml")
+    single = VLMDataset.from_config(cfg, paths["train"], chatml)
+    merged = VLMDataset.from_config(cfg, paths["train"], chatml, merge_turns=True)
     assert len(single) == len(records) and len(merged) == 5
     image_id = tiny_vlm.image_token_id
     for i in range(len(merged)):

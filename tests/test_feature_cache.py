@@ -14,7 +14,8 @@ from safetensors import safe_open
 from vlmkit.cli import main
 from vlmkit.config import DataConfig, StageConfig
 from vlmkit.data.collate import Collator, PackingCollator, first_fit
-from vlmkit.data.dataset import ImageSettings, VLMDataset
+from vlmkit.data.dataset import VLMDataset
+from vlmkit.data.processor import ImageProcessor
 from vlmkit.data.synthetic import generate_shapesworld
 from vlmkit.models.vision import SmallViT
 from vlmkit.models.vlm import VisionLanguageModel
@@ -69,11 +70,14 @@ def _model(**vision) -> VisionLanguageModel:
     return model
 
 
-def _data(model: VisionLanguageModel, root: Path, cfg: DataConfig, train: str = "train.json") -> StageData:
+def _data(
+    model: VisionLanguageModel, root: Path, cfg: DataConfig, train: str = "train.json", resize: str = "resize"
+) -> StageData:
     pad = model.tokenizer.pad_token_id
     collate = PackingCollator(pad, cfg.max_length) if cfg.packing else Collator(pad, "right")
-    train_set = VLMDataset.from_config(cfg, root / train, model)
-    val_set = VLMDataset.from_config(cfg, root / "val.json", model)
+    processor = model.processor.replace(resize=resize)
+    train_set = VLMDataset.from_config(cfg, root / train, processor)
+    val_set = VLMDataset.from_config(cfg, root / "val.json", processor)
     return StageData(train_set, val_set, collate, batch_size=6, seed=0, group_by_length=False)
 
 
@@ -110,9 +114,9 @@ def _reorders(lengths: list[int], capacity: int) -> bool:
 )
 def test_cached_step_equals_uncached_step(shapes, tmp_path, monkeypatch, packing, resize):
     model = _model()
-    cfg = DataConfig(max_length=400, packing=packing, resize=resize)
-    plain = _data(model, shapes, cfg, "mixed.json")
-    cached = _data(model, shapes, cfg, "mixed.json")
+    cfg = DataConfig(max_length=400, packing=packing)
+    plain = _data(model, shapes, cfg, "mixed.json", resize)
+    cached = _data(model, shapes, cfg, "mixed.json", resize)
     cache = maybe_feature_cache(model, cached, tmp_path, cfg)
     assert cache is not None and cached.train.feature_source is not None
     cached.feature_cache = cache
@@ -124,7 +128,7 @@ def test_cached_step_equals_uncached_step(shapes, tmp_path, monkeypatch, packing
     batches = [[*special, 0, 5, 9], cached.epoch_order(0)[:6]]  # two-image, text-only, data-URL samples
     for indices in batches:
         with monkeypatch.context() as m:
-            m.setattr(ImageSettings, "open", lambda *a: pytest.fail("a cached item decoded an image"))
+            m.setattr(ImageProcessor, "open", lambda *a: pytest.fail("a cached item decoded an image"))
             batch = cached._collate([cached.train[i] for i in indices])
         ref = plain._collate([plain.train[i] for i in indices])
         assert "pixel_values" not in batch and batch["vision_features"].shape[1:] == (16, 32)  # [I, N, Dv]
@@ -157,7 +161,7 @@ def test_cached_rows_follow_the_packed_order(shapes, tmp_path):
     assert batch["vision_features"].shape[0] == 6  # [I, N, Dv]
     packed = [i for row in batch["sample_ids"] for i in row.split("+")]
     assert sorted(packed) == sorted(it["id"] for it in items) and packed != [it["id"] for it in items]
-    plain = VLMDataset.from_config(cfg, shapes / "train.json", model)
+    plain = VLMDataset.from_config(cfg, shapes / "train.json", model.processor)
     with torch.no_grad():
         model.vision.eval()
         for row, sample_id in enumerate(packed):
@@ -177,7 +181,7 @@ def test_second_build_reuses_the_shards(shapes, tmp_path, monkeypatch):
     assert first.computed == len(first) == 16 and counter.rows == 16  # 12 train + 4 val scenes, once each
     shards = {p: p.stat().st_mtime_ns for p in first.shards}
     assert [p.name for p in shards] == ["shard-00000.safetensors"]
-    keys = {first.key_for(d.images, r) for d in (data.train, data.val) for e in d.encoded for r in e.images}
+    keys = {first.key_for(d, r) for d in (data.train, data.val) for e in d.encoded for r in e.images}
     with safe_open(str(first.shards[0]), framework="pt") as f:  # the key index lives in the shard files
         assert set(f.keys()) == keys and f.metadata()["fingerprint"] == first.fingerprint
     calls = counter.calls
@@ -198,7 +202,7 @@ def test_saved_and_reloaded_tower_keeps_its_fingerprint(shapes, tmp_path):
     images = _data(model, shapes, DataConfig()).train.images
     model.save_pretrained(tmp_path / "m")
     again = VisionLanguageModel.from_pretrained(tmp_path / "m")
-    again_images = VLMDataset.from_config(DataConfig(), shapes / "val.json", again).images
+    again_images = VLMDataset.from_config(DataConfig(), shapes / "val.json", again.processor).images
     assert tower_fingerprint(again, again_images)[0] == tower_fingerprint(model, images)[0]
 
 
@@ -215,8 +219,7 @@ def test_tower_or_preprocessing_changes_change_the_fingerprint(shapes):
     with torch.no_grad():
         model.vision.pos.add_(1e-4)
     changed["weights"] = tower_fingerprint(model, _data(model, shapes, cfg).train.images)[0]
-    pad = DataConfig(resize="pad")
-    changed["resize"] = tower_fingerprint(model, _data(model, shapes, pad).train.images)[0]
+    changed["resize"] = tower_fingerprint(model, _data(model, shapes, cfg, resize="pad").train.images)[0]
     changed["fp16"] = tower_fingerprint(model, _data(model, shapes, cfg).train.images, torch.float16)[0]
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
 

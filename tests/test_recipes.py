@@ -123,7 +123,7 @@ def tiny_recipe(recipe: RecipeConfig) -> RecipeConfig:
         max_objects=2,
         grounding_format=recipe.model.processor.grounding_format or "qwen",
     )
-    data.anyres_grid = _tiny_grid(recipe.data.anyres_grid, 32)
+    model.processor.anyres_grid = _tiny_grid(recipe.model.processor.anyres_grid, 32)
     data.max_length = max(data.max_length, 1024)  # the tiny BPE spells system prompts out byte by byte
     for stage in tiny.stages:
         stage.max_steps, stage.batch_size, stage.grad_accum = 2, 2, 1

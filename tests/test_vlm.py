@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from vlmkit.models.vlm import IGNORE_INDEX, ImageTokenMismatchError, VisionLanguageModel
+from vlmkit.constants import IGNORE_INDEX
+from vlmkit.models.vlm import ImageTokenMismatchError, VisionLanguageModel
 
 from conftest import random_image, tiny_model_config
 

@@ -11,7 +11,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vlmkit.log import get_logger
+
 T = TypeVar("T")
+log = get_logger(__name__)
 
 
 class ConfigError(ValueError):
@@ -120,14 +123,34 @@ class AdapterConfig:
 
 @dataclass
 class ProcessorConfig:
-    """How prompts and images are prepared; saved with the model so chat, serve and eval match training
-    (the trainer copies these from the recipe's `data` section)."""
+    """How conversations and images become model inputs, for training and inference alike (the `Processor`,
+    saved beside the model so chat, serve, eval and export prepare inputs exactly as training did).
 
-    template: str = "auto"  # the tokenizer's own chat template, else chatml | vicuna_v1 | plain
+    `template`: the tokenizer's own chat template (`auto`), `chatml`, `vicuna_v1`, `plain` or a jinja string.
+    `resize`: `resize` (stretch), `pad` (letterbox, LLaVA-1.5), `crop` (centre crop, CLIP) or `anyres` (a global
+    view + grid tiles from `anyres_grid`, (width, height) pairs that are multiples of the tower's input size;
+    default 2x1, 1x2 and 2x2 tiles). `max_image_pixels` / `max_image_bytes` bound every image decoded.
+    `grounding_format`: the box format the model is taught (qwen | kosmos2 | shikra | pixel; None: parse any).
+    """
+
+    template: str = "auto"
     system_prompt: str | None = None
-    resize: str = "resize"  # resize | pad | crop | anyres
+    resize: str = "resize"
     anyres_grid: list[list[int]] = field(default_factory=list)
-    grounding_format: str | None = None  # the box format the model was taught (None: parse any)
+    grounding_format: str | None = None
+    max_image_pixels: int = 64_000_000
+    max_image_bytes: int = 32 * 2**20
+
+
+# Settings that lived in `data:` before the processor owned them: moved to `model.processor` when a recipe is read.
+LEGACY_PROCESSOR_KEYS = (
+    "template",
+    "system_prompt",
+    "resize",
+    "anyres_grid",
+    "max_image_pixels",
+    "max_image_bytes",
+)
 
 
 @dataclass
@@ -161,9 +184,11 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from and how they become tokens.
+    """Where training samples come from and how they are batched.
 
     Files are LLaVA JSON/JSONL, caption JSONL, OpenAI-style `messages` or Qwen-VL text (`format: auto` detects).
+    How a sample becomes tokens and pixels (chat template, image resizing) is `model.processor`'s; `max_length`
+    is the training truncation budget (later rounds of a conversation are dropped to fit).
     """
 
     train: str | None = None
@@ -172,13 +197,7 @@ class DataConfig:
     format: str = "auto"
     image_root: str | None = None
     synthetic: SynthConfig | None = None
-    template: str = "auto"  # the tokenizer's own chat template, else chatml | vicuna_v1 | plain
-    system_prompt: str | None = None
     max_length: int = 512
-    resize: str = "resize"  # resize | pad | crop | anyres
-    anyres_grid: list[list[int]] = field(default_factory=list)
-    max_image_pixels: int = 64_000_000
-    max_image_bytes: int = 32 * 2**20
     caption_instructions: list[str] = field(
         default_factory=lambda: ["Describe the image concisely.", "Write a short caption for the image."]
     )
@@ -274,6 +293,36 @@ class RecipeConfig:
     # validated against PretrainVisionConfig when training starts); None: no pretraining
     pretrain_vision: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # generated ShapesWorld data is written in one box format: the processor parses that one
+        if self.data.synthetic is not None and self.model.processor.grounding_format is None:
+            self.model.processor.grounding_format = self.data.synthetic.grounding_format
+
+    @staticmethod
+    def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
+        """Recipes written before the processor owned them set the chat template and image settings under
+        `data:`; move them to `model.processor` (a key set in both places must agree)."""
+        legacy = {k: data["data"][k] for k in LEGACY_PROCESSOR_KEYS if k in (data.get("data") or {})}
+        if not legacy:
+            return data
+        data = {**data, "data": {k: v for k, v in data["data"].items() if k not in legacy}}
+        model = dict(data.get("model") or {})
+        processor = dict(model.get("processor") or {})
+        for key, value in legacy.items():
+            if key in processor and processor[key] != value:
+                raise ConfigError(
+                    f"data.{key}={value!r} and model.processor.{key}={processor[key]!r} disagree; "
+                    f"set it once, as model.processor.{key}"
+                )
+            processor[key] = value
+        log.warning(
+            "%s: data.%s moved to model.processor (read from data: for now)",
+            where or "recipe",
+            ", data.".join(legacy),
+        )
+        model["processor"] = processor
+        return {**data, "model": model}
+
 
 # ------------------------------------------------------------------------------------------- generic io
 def _is_dataclass_type(tp: Any) -> bool:
@@ -335,6 +384,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from a mapping; an unknown key fails naming the key and the allowed ones."""
+    migrate = getattr(cls, "_migrate", None)
+    if migrate is not None:
+        data = migrate(data, where)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}

@@ -60,7 +60,7 @@ def run_quickstart(
     from vlmkit.eval.shapesworld import evaluate_shapesworld
     from vlmkit.models.vlm import VisionLanguageModel
     from vlmkit.train.data import prepare_data
-    from vlmkit.train.trainer import Trainer, record_processor, seed_everything
+    from vlmkit.train.trainer import Trainer, seed_everything
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -75,7 +75,6 @@ def run_quickstart(
         before = json.loads(before_path.read_text())
     else:
         model = VisionLanguageModel.from_config(recipe.model)
-        record_processor(model, recipe)
         before = ask_text(model, TEXT_QUESTIONS, precision=recipe.train.precision)
         before_path.write_text(json.dumps(before, indent=1))
     final_dir = Trainer(recipe, out, resume=resume, model=model).run()

@@ -124,6 +124,19 @@ def _register_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_check)
 
 
+def _processor(model_dir: str):
+    """A saved model's processor (its tokenizer and settings; no weights are loaded)."""
+    from pathlib import Path
+
+    from vlmkit.data.processor import PROCESSOR_NAME, Processor
+
+    if (Path(model_dir) / PROCESSOR_NAME).is_file():
+        return Processor.from_pretrained(model_dir)
+    from vlmkit.models.vlm import VisionLanguageModel  # saved by an older vlmkit: build the model once
+
+    return VisionLanguageModel.from_pretrained(model_dir).processor
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     import contextlib
     import sys
@@ -136,11 +149,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     # With --json, stdout carries the JSON object alone: anything logged meanwhile goes to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet:
-        model = None
-        if args.model:
-            from vlmkit.models.vlm import VisionLanguageModel
-
-            model = VisionLanguageModel.from_pretrained(args.model)
+        processor = _processor(args.model) if args.model else None
         report = check_data(
             args.file,
             args.image_root,
@@ -149,7 +158,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             tokens_per_image=args.tokens_per_image,
             max_pixels=args.max_pixels,
             max_bytes=args.max_bytes,
-            model=model,
+            processor=processor,
             num_workers=args.workers,
         )
     too_bad = report.bad_fraction > args.max_bad

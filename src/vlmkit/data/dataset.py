@@ -12,39 +12,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from PIL import Image
 
 from vlmkit.config import DataConfig
 from vlmkit.data.formats import (
     DEFAULT_CAPTION_INSTRUCTIONS,
-    IMAGE_MARKER,
     Sample,
     SampleError,
     merge_image_turns,
     parse_record,
     read_records,
 )
-from vlmkit.data.images import (
-    ImageError,
-    anyres_num_tiles,
-    anyres_tiles,
-    image_mean_color,
-    load_image,
-    resize_image,
-    to_tensor,
-)
-from vlmkit.data.prompts import EncodedSample, TokensPerImage, encode_sample
+from vlmkit.data.images import ImageError
+from vlmkit.data.processor import ImageProcessor, Processor
+from vlmkit.data.prompts import EncodedSample
 from vlmkit.log import get_logger
-
-if TYPE_CHECKING:
-    from vlmkit.models.vlm import VisionLanguageModel
 
 log = get_logger(__name__)
 
-RESIZE_MODES = ("resize", "pad", "crop", "anyres")
 MALFORMED_JSON = "malformed_json"  # a JSONL line that is not valid JSON
 REMOTE_IMAGE = "remote_image"  # an http(s) image ref: never downloaded
 _WORDS = re.compile(r"\w+|[^\w\s]+")
@@ -130,70 +117,21 @@ class DataReport:
 
 
 # ------------------------------------------------------------------------------------------------ images
-@dataclass
-class ImageSettings:
-    """How image refs become pixel tensors [tiles, 3, S, S], and the limits checked before decoding.
-
-    `resize`: resize | pad | crop (one square view) or anyres (global view + grid tiles from `anyres_grid`,
-    (width, height) pairs that are multiples of `image_size`; default 2x1, 1x2 and 2x2 tiles).
-    `transform` (e.g. `model.transform`) turns each square PIL view into [3, S, S]; without it pixels are
-    normalised with `mean`/`std`. Relative refs are resolved against `image_root`.
-    """
-
-    image_root: str | Path | None = None
-    image_size: int = 64
-    mean: Sequence[float] = (0.5, 0.5, 0.5)
-    std: Sequence[float] = (0.5, 0.5, 0.5)
-    resize: str = "resize"
-    anyres_grid: Sequence[Sequence[int]] = ()
-    max_pixels: int = 64_000_000
-    max_bytes: int = 32 * 2**20
-    transform: Callable[[Image.Image], torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize mode '{self.resize}'; known: {', '.join(RESIZE_MODES)}")
-
-    @property
-    def grid(self) -> list[tuple[int, int]]:
-        s = self.image_size
-        return [(int(w), int(h)) for w, h in self.anyres_grid] or [(2 * s, s), (s, 2 * s), (2 * s, 2 * s)]
-
-    def source(self, ref: str) -> str | Path | bytes:
-        """A path (relative refs joined to `image_root`) or the bytes of a `data:` URL."""
-        if ref.startswith("data:"):
-            _, sep, payload = ref.partition(",")
-            if not sep:
-                raise ImageError("corrupt", "data URL without ','", source=ref[:40])
-            try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ImageError("corrupt", f"bad base64 in data URL: {exc}", source=ref[:40]) from exc
-        if ref.startswith(("http://", "https://")):
-            raise SampleError(REMOTE_IMAGE, f"remote image {ref} is not downloaded; fetch it first")
-        path = Path(ref)
-        return path if path.is_absolute() or self.image_root is None else Path(self.image_root) / path
-
-    def open(self, ref: str) -> Image.Image:
-        """The decoded RGB image (raises `ImageError` with a reason, or `SampleError` for remote refs)."""
-        return load_image(self.source(ref), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-
-    def num_tiles(self, img: Image.Image) -> int:
-        if self.resize == "anyres":
-            return anyres_num_tiles(img.size, self.grid, self.image_size)
-        return 1
-
-    def _to_tensor(self, view: Image.Image) -> torch.Tensor:
-        return self.transform(view) if self.transform is not None else to_tensor(view, self.mean, self.std)
-
-    def tensors(self, img: Image.Image) -> torch.Tensor:
-        """One decoded image -> pixel tensors [tiles, 3, S, S]."""
-        if self.resize == "anyres":
-            views, _ = anyres_tiles(img, self.grid, self.image_size)
-        else:
-            view, _ = resize_image(img, self.image_size, self.resize, fill=image_mean_color(self.mean))
-            views = [view]
-        return torch.stack([self._to_tensor(v) for v in views])  # [tiles, 3, S, S]
+def image_source(ref: str, image_root: str | Path | None = None) -> str | Path | bytes:
+    """Where an image ref points: a path (relative refs joined to `image_root`) or the bytes of a `data:` URL.
+    Remote (http/https) refs are never downloaded: `SampleError` (remote_image)."""
+    if ref.startswith("data:"):
+        _, sep, payload = ref.partition(",")
+        if not sep:
+            raise ImageError("corrupt", "data URL without ','", source=ref[:40])
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError("corrupt", f"bad base64 in data URL: {exc}", source=ref[:40]) from exc
+    if ref.startswith(("http://", "https://")):
+        raise SampleError(REMOTE_IMAGE, f"remote image {ref} is not downloaded; fetch it first")
+    path = Path(ref)
+    return path if path.is_absolute() or image_root is None else Path(image_root) / path
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -225,11 +163,13 @@ def read_samples(
     return samples
 
 
-def _check_images(sample: Sample, images: ImageSettings) -> list[int] | tuple[str, str]:
+def _check_images(
+    sample: Sample, images: ImageProcessor, image_root: str | Path | None
+) -> list[int] | tuple[str, str]:
     """Open every image of `sample` within the limits: the tile count of each, or (reason, message) for the
     first bad one."""
     try:
-        return [images.num_tiles(images.open(ref)) for ref in sample.images]
+        return [images.num_tiles(images.open(image_source(ref, image_root)).size) for ref in sample.images]
     except (ImageError, SampleError) as err:
         return err.reason, str(err)
 
@@ -249,32 +189,25 @@ def _map(fn: Callable[[Any], Any], items: Sequence[Any], num_workers: int) -> It
 class VLMDataset(torch.utils.data.Dataset):
     """Encoded samples that passed validation; items are dicts ready for `Collator` / `PackingCollator`.
 
-    Validation runs at construction, before any training: every sample is encoded (placeholders expanded to
-    `tokens_per_image` each, labels from role spans, `max_length` enforced) and every image is opened within
-    the limits. Bad samples are skipped and counted in `report` by reason, each reason logged once with an
-    example sample id.
+    Everything model-specific comes from `processor` (chat template, placeholder counts, image pixels), so the
+    dataset needs no model and pickles into data-loader workers. Validation runs at construction, before any
+    training: every sample is encoded (placeholders expanded, labels from role spans, `max_length` enforced)
+    and every image is opened within the limits. Bad samples are skipped and counted in `report` by reason,
+    each reason logged once with an example sample id. Relative image refs resolve against `image_root`.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
-        tokenizer: Any,
+        processor: Processor,
         *,
-        images: ImageSettings | None = None,
-        tokens_per_image: TokensPerImage = 1,
-        image_token: str = IMAGE_MARKER,
-        template: str = "auto",
-        system_prompt: str | None = None,
+        image_root: str | Path | None = None,
         max_length: int | None = 512,
         report: DataReport | None = None,
         num_workers: int = 0,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.images = images or ImageSettings()
-        self.tokens_per_image = tokens_per_image
-        self.image_token = image_token
-        self.template = template
-        self.system_prompt = system_prompt
+        self.processor = processor
+        self.image_root = image_root
         self.max_length = max_length
         self.report = report if report is not None else DataReport()
         # When set (by a frozen-tower `FeatureCache`): image ref -> cached tower features [tiles, N, Dv];
@@ -282,8 +215,8 @@ class VLMDataset(torch.utils.data.Dataset):
         self.feature_source: Callable[[str], torch.Tensor] | None = None
         self.encoded: list[EncodedSample] = []
         # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
-        checked = _map(partial(_check_images, images=self.images), samples, num_workers)
-        for sample, tiles in zip(samples, checked):
+        check = partial(_check_images, images=self.images, image_root=image_root)
+        for sample, tiles in zip(samples, _map(check, samples, num_workers)):
             result = tiles if isinstance(tiles, tuple) else self._encode(sample, tiles)
             if isinstance(result, EncodedSample):
                 self.encoded.append(result)
@@ -292,19 +225,14 @@ class VLMDataset(torch.utils.data.Dataset):
                 self.report.reject(result[0], sample.id, result[1])
         log.info("%s%s", f"{self.report.source}: " if self.report.source else "", self.report.summary())
 
+    @property
+    def images(self) -> ImageProcessor:
+        return self.processor.images
+
     def _encode(self, sample: Sample, tiles: list[int]) -> EncodedSample | tuple[str, str]:
         """The encoded sample, or (reason, message) when it must be skipped."""
         try:
-            return encode_sample(
-                sample,
-                self.tokenizer,
-                image_token=self.image_token,
-                tokens_per_image=self.tokens_per_image,
-                template=self.template,
-                system_prompt=self.system_prompt,
-                max_length=self.max_length,
-                num_tiles=tiles,
-            )
+            return self.processor.encode_training(sample, tiles, self.max_length)
         except SampleError as err:
             return err.reason, str(err)
 
@@ -313,16 +241,15 @@ class VLMDataset(torch.utils.data.Dataset):
         cls,
         cfg: DataConfig,
         path: str | Path,
-        model: VisionLanguageModel,
+        processor: Processor,
         *,
         num_workers: int = 0,
         enforce_max_bad: bool = True,
         tasks: Sequence[str] | None = None,
         merge_turns: bool = False,
     ) -> VLMDataset:
-        """Read `path` (any supported format) and encode it for `model`: its tokenizer, image token, visual
-        tokens per image and image transform; `cfg.resize` picks the square view or AnyRes tiles. Relative
-        image paths resolve against `cfg.image_root`, else the data file's directory.
+        """Read `path` (any supported format) and encode it with `processor`. Relative image paths resolve
+        against `cfg.image_root`, else the data file's directory.
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
         `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
@@ -339,26 +266,10 @@ class VLMDataset(torch.utils.data.Dataset):
             log.info(
                 "%s: %d samples merged into %d conversations (one per image)", path, before, len(samples)
             )
-        vision = model.vision
-        images = ImageSettings(
-            image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,
-            image_size=vision.image_size,
-            mean=getattr(vision, "image_mean", None) or model.cfg.vision.image_mean,
-            std=getattr(vision, "image_std", None) or model.cfg.vision.image_std,
-            resize=cfg.resize,
-            anyres_grid=cfg.anyres_grid,
-            max_pixels=cfg.max_image_pixels,
-            max_bytes=cfg.max_image_bytes,
-            transform=model.transform,
-        )
         dataset = cls(
             samples,
-            model.tokenizer,
-            images=images,
-            tokens_per_image=model.tokens_per_image,
-            image_token=model.llm.image_token,
-            template=cfg.template,
-            system_prompt=cfg.system_prompt,
+            processor,
+            image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,
             max_length=cfg.max_length,
             report=report,
             num_workers=num_workers,
@@ -374,6 +285,13 @@ class VLMDataset(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         """Token count of every item (for `LengthGroupedSampler` and packing)."""
         return [len(e.input_ids) for e in self.encoded]
+
+    def image_source(self, ref: str) -> str | Path | bytes:
+        return image_source(ref, self.image_root)
+
+    def load_pixels(self, ref: str) -> torch.Tensor:
+        """One image ref -> pixel tensors [tiles, 3, S, S]."""
+        return self.images.tensors(self.images.open(self.image_source(ref)))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         enc = self.encoded[index]
@@ -401,7 +319,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def _pixels(self, enc: EncodedSample) -> list[torch.Tensor]:
         try:
-            return [self.images.tensors(self.images.open(ref)) for ref in enc.images]
+            return [self.load_pixels(ref) for ref in enc.images]
         except (ImageError, SampleError) as err:  # validated at construction: the file changed since
             raise RuntimeError(f"sample '{enc.id}': an image changed after validation: {err}") from err
 
@@ -432,15 +350,15 @@ def check_data(
     tokens_per_image: int = 0,
     max_pixels: int | None = None,
     max_bytes: int | None = None,
-    model: VisionLanguageModel | None = None,
+    processor: Processor | None = None,
     data_cfg: DataConfig | None = None,
     num_workers: int = 0,
 ) -> DataReport:
     """Validate a data file and return its `DataReport`; never raises on bad records.
 
-    Without `model` no tokenizer is needed: records are parsed, image markers counted against images, every
+    Without `processor` no tokenizer is needed: records are parsed, image markers counted against images, every
     image opened within the limits, and (when `max_length` is given) the first round's length estimated with
-    `estimate_tokens` + `tokens_per_image` per image. With `model`, the exact training path is run
+    `estimate_tokens` + `tokens_per_image` per image. With a model's `processor`, the exact training path is run
     (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given here override it.
     Image limits default to `data_cfg`'s; relative image paths resolve against `image_root`, else the file's dir.
     """
@@ -448,25 +366,23 @@ def check_data(
     cfg.format = fmt
     if image_root is not None:
         cfg.image_root = str(image_root)
-    if max_pixels is not None:
-        cfg.max_image_pixels = max_pixels
-    if max_bytes is not None:
-        cfg.max_image_bytes = max_bytes
-    if model is not None:
+    limits = {"max_image_pixels": max_pixels, "max_image_bytes": max_bytes}
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if processor is not None:
         if max_length is not None:
             cfg.max_length = max_length
-        return VLMDataset.from_config(cfg, path, model, num_workers=num_workers, enforce_max_bad=False).report
+        processor = processor.replace(**limits) if limits else processor
+        return VLMDataset.from_config(
+            cfg, path, processor, num_workers=num_workers, enforce_max_bad=False
+        ).report
 
     report = DataReport(source=str(path))
     samples = read_samples(path, fmt, report=report)
-    images = ImageSettings(
-        image_root=cfg.image_root if cfg.image_root is not None else Path(path).parent,
-        max_pixels=cfg.max_image_pixels,
-        max_bytes=cfg.max_image_bytes,
-    )
+    images = ImageProcessor(**{k.replace("max_image_", "max_"): v for k, v in limits.items()})
+    root = cfg.image_root if cfg.image_root is not None else Path(path).parent
 
     def check(sample: Sample) -> tuple[str, str] | None:
-        bad = _check_images(sample, images)
+        bad = _check_images(sample, images, root)
         if isinstance(bad, tuple):
             return bad
         if max_length is not None:

@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmkit.data.dataset import ImageSettings
+from vlmkit.data.collate import Collator
 from vlmkit.data.formats import Message
-from vlmkit.data.grounding import Box, box_to_original, parse_boxes
-from vlmkit.data.images import AnyResLayout, ImageTransform, anyres_layout, square_transform
-from vlmkit.data.prompts import render_prompt
+from vlmkit.data.grounding import Box
+from vlmkit.data.processor import Layout
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel, truncate_at_stop
 from vlmkit.precision import autocast_context
@@ -138,7 +137,8 @@ class _AllRowsDone(Exception):
 
 
 class Predictor:
-    """Renders prompts with the model's chat template, preprocesses images, decodes in batches (left padding)."""
+    """Prepares conversations with the model's `Processor` (chat template, images, placeholders), pads them in the
+    collator (left) and decodes in batches."""
 
     def __init__(
         self,
@@ -150,88 +150,64 @@ class Predictor:
         grounding_format: str | None = None,
         precision: str = "fp32",
     ) -> None:
-        """Settings default to the model's saved `processor` config (what it was trained with); `precision`
-        `auto` decodes under bf16 autocast where the hardware supports it (about 2x faster on such CPUs)."""
-        proc = model.cfg.processor
+        """Settings default to the model's saved `processor` config (what it was trained with); the arguments
+        override them for this predictor. `precision` `auto` decodes under bf16 autocast where the hardware
+        supports it (about 2x faster on such CPUs)."""
         self.precision = precision
         self.model = model.eval()
-        self.template = template or proc.template
-        self.resize = resize or proc.resize
-        vision = model.vision
-        # the same image pipeline as training (VLMDataset), so inference sees what the model was trained on
-        self.images = ImageSettings(
-            image_size=vision.image_size,
-            mean=vision.image_mean,
-            std=vision.image_std,
-            resize=self.resize,
-            anyres_grid=proc.anyres_grid,
-            transform=vision.transform,
-        )
-        self.system_prompt = system_prompt if system_prompt is not None else proc.system_prompt
-        self.grounding_format = grounding_format or proc.grounding_format  # None: any format the parser knows
+        changes = {
+            "template": template,
+            "resize": resize,
+            "system_prompt": system_prompt,
+            "grounding_format": grounding_format,
+        }
+        self.processor = model.processor.replace(**{k: v for k, v in changes.items() if v is not None})
+        self.collate = Collator(model.tokenizer.pad_token_id, "left")
+
+    @property
+    def template(self) -> str:
+        return self.processor.cfg.template
+
+    @property
+    def resize(self) -> str:
+        return self.processor.cfg.resize
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.processor.cfg.system_prompt
+
+    @property
+    def grounding_format(self) -> str | None:
+        return self.processor.cfg.grounding_format  # None: any format the parser knows
 
     def prompt_text(
         self, messages: Sequence[Message | dict[str, Any]], num_tiles: Sequence[int] | None = None
     ) -> str:
         """The exact text fed to the tokenizer (placeholders expanded) for a conversation."""
-        return render_prompt(
-            messages,
-            self.model.tokenizer,
-            template=self.template,
-            add_generation_prompt=True,
-            image_token=self.model.llm.image_token,
-            tokens_per_image=self.model.tokens_per_image,
-            system_prompt=self.system_prompt,
-            num_tiles=num_tiles,
-        )
+        return self.processor.render(messages, num_tiles)
 
-    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, ImageTransform | AnyResLayout]:
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Layout]:
         """PIL -> model pixels [tiles, 3, S, S] and the map from original pixels to the model's (global) view."""
-        image = image.convert("RGB")
-        size = self.model.vision.image_size
-        if self.resize == "anyres":
-            geometry: ImageTransform | AnyResLayout = anyres_layout(image.size, self.images.grid, size)
-        else:
-            geometry = square_transform(image.size, size, self.resize)
-        return self.images.tensors(image), geometry
+        return self.processor.pixels(image)
 
-    def prepare(self, requests: Sequence[ChatRequest]) -> tuple[dict[str, Any], list[list[Any]]]:
-        texts, pixels, counts, transforms = [], [], [], []
-        for req in requests:
-            row = [self.preprocess(img) for img in req.images]
-            tiles = [p.shape[0] for p, _ in row]
-            texts.append(self.prompt_text(req.messages, tiles))
-            pixels += [p for p, _ in row]
-            transforms.append([t for _, t in row])
-            counts.append(sum(tiles))
-        tok = self.model.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        batch = {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.cat(pixels) if pixels else None,
-            "image_counts": counts,
-        }
-        return batch, transforms
+    def prepare(self, requests: Sequence[ChatRequest]) -> tuple[dict[str, Any], list[list[Layout]]]:
+        """Requests -> a left-padded batch (input_ids, attention_mask, pixel_values, image_counts) and each
+        request's image layouts."""
+        inputs = [self.processor.encode_chat(req.messages, req.images) for req in requests]
+        batch = self.collate([x.item() for x in inputs])
+        keep = ("input_ids", "attention_mask", "pixel_values", "image_counts")
+        return {k: batch[k] for k in keep}, [x.layouts for x in inputs]
 
     def num_tiles(self, image: Image.Image) -> int:
         """How many tower inputs (hence placeholder runs) an image becomes: 1, or its AnyRes tiles."""
-        if self.resize != "anyres":
-            return 1
-        return anyres_layout(image.size, self.images.grid, self.model.vision.image_size).num_tiles
+        return self.processor.images.num_tiles(image.size)
 
     def prompt_length(
         self, messages: Sequence[Message | dict[str, Any]], images: Sequence[Image.Image] = ()
     ) -> int:
         """Prompt tokens of a conversation (image placeholders included, from image sizes alone: no pixels are
         processed); raises on an image-count mismatch."""
-        tiles = [self.num_tiles(im) for im in images] if images else None
-        ids = self.model.tokenizer(self.prompt_text(messages, tiles), add_special_tokens=False)["input_ids"]
-        return len(ids)
+        return self.processor.prompt_length(messages, [im.size for im in images])
 
     def generate(
         self,
@@ -307,16 +283,12 @@ class Predictor:
         with autocast_context(self.precision, device.type):
             self.model.generate(**batch, config=config, streamer=streamer)
 
-    def boxes(
-        self, text: str, transforms: Sequence[ImageTransform], image: int = 0
-    ) -> list[tuple[str | None, Box]]:
+    def boxes(self, text: str, layouts: Sequence[Layout], image: int = 0) -> list[tuple[str | None, Box]]:
         """Boxes in `text` (coordinates relative to the model input) mapped onto original image `image`."""
-        if not transforms:
+        if not layouts:
             return []
-        size = self.model.vision.image_size
-        found = parse_boxes(text, self.grounding_format, size, size)
-        transform = transforms[image] if -len(transforms) <= image < len(transforms) else transforms[0]
-        return [(ref, box_to_original(box, transform)) for ref, box in found]
+        layout = layouts[image] if -len(layouts) <= image < len(layouts) else layouts[0]
+        return self.processor.boxes_to_original(text, layout)
 
     def chat(
         self,

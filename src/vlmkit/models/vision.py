@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from vlmkit.config import VisionConfig
+from vlmkit.data.processor import ImageProcessor
 from vlmkit.log import get_logger
 from vlmkit.registry import Registry
 
@@ -46,14 +46,9 @@ class VisionTower(nn.Module):
         raise NotImplementedError
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> normalized float tensor [3, S, S] (plain square resize)."""
-        image = image.convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 255.0  # [S, S, 3]
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+        """PIL image -> normalized float tensor [3, S, S] (plain square resize, as the `Processor`'s `resize`
+        mode: models are fed through their processor; this is for using a tower on its own)."""
+        return ImageProcessor(self.image_size, self.image_mean, self.image_std).tensors(image)[0]
 
     def hf_config_dict(self) -> dict | None:
         """The transformers config of a wrapped HF encoder (None for non-HF towers); used by save."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,10 @@ from transformers import AutoTokenizer
 
 from vlmkit import __version__
 from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.constants import IGNORE_INDEX
+from vlmkit.data.collate import Collator
+from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeometry
+from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.models.bridges import Bridge, build_bridge
 from vlmkit.models.generation import GenerationConfig, decode_loop
@@ -25,13 +27,8 @@ from vlmkit.models.vision import VisionTower, build_vision_tower
 
 log = get_logger(__name__)
 
-IGNORE_INDEX = -100
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class ImageTokenMismatchError(ValueError):
-    """Placeholder tokens in the text do not match the visual tokens the images yield."""
 
 
 @dataclasses.dataclass
@@ -93,9 +90,21 @@ class VisionLanguageModel(nn.Module):
         """The exact placeholder string for one image (the image token repeated)."""
         return self.llm.image_token * self.tokens_per_image(num_tiles)
 
-    def transform(self, image: Any) -> torch.Tensor:
-        """PIL image -> pixel tensor [3, S, S] for this model's tower."""
-        return self.vision.transform(image)
+    @property
+    def geometry(self) -> VisionGeometry:
+        """The tower's input size and normalisation and the visual tokens per tower input, as numbers."""
+        vision = self.vision
+        return VisionGeometry(
+            int(vision.image_size),
+            tuple(float(x) for x in vision.image_mean),
+            tuple(float(x) for x in vision.image_std),
+            self.tokens_per_image(1),
+        )
+
+    @property
+    def processor(self) -> Processor:
+        """The `Processor` for this model: its `cfg.processor` settings, tokenizer and tower geometry."""
+        return Processor(self.cfg.processor, self.tokenizer, self.geometry, self.llm.image_token)
 
     # -------------------------------------------------------------------------------------- forward
     def encode_images(
@@ -257,31 +266,13 @@ class VisionLanguageModel(nn.Module):
     def prepare_prompts(
         self, prompts: Sequence[str], images: Sequence[Sequence[Any]] | None = None
     ) -> dict[str, Any]:
-        """Expand each `<image>` marker to its placeholder run, tokenize with left padding, transform images."""
+        """Chat-formatted prompts with `<image>` markers + PIL images -> a left-padded batch, through the model's
+        `processor` (the same image preprocessing as training)."""
         images = images or [[] for _ in prompts]
-        marker = self.llm.image_token
-        texts, pixels, counts = [], [], []
-        for prompt, imgs in zip(prompts, images):
-            if prompt.count(marker) != len(imgs):
-                raise ImageTokenMismatchError(
-                    f"prompt has {prompt.count(marker)} '{marker}' markers but {len(imgs)} images were given"
-                )
-            texts.append(prompt.replace(marker, self.image_placeholder()))
-            pixels += [self.transform(im) for im in imgs]
-            counts.append(len(imgs))
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
-        pixel_values = torch.stack(pixels) if pixels else None
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "pixel_values": pixel_values,
-            "image_counts": counts,
-        }
+        processor = self.processor
+        items = [processor.encode_prompt(p, imgs).item() for p, imgs in zip(prompts, images)]
+        batch = Collator(self.tokenizer.pad_token_id, "left")(items)
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_counts")}
 
     # -------------------------------------------------------------------------------------- save/load
     def portable_config(self) -> ModelConfig:
@@ -295,14 +286,11 @@ class VisionLanguageModel(nn.Module):
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write config.json + model.safetensors + tokenizer atomically (temp dir, then rename)."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = temp_dir_for(out)
         meta = {"vlmkit_version": __version__, "model": to_dict(self.portable_config())}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         save_model(self, str(tmp / WEIGHTS_NAME))
-        self.tokenizer.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)  # processor_config.json + the tokenizer files
         replace_dir(tmp, out)
         return out
 
@@ -425,15 +413,6 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
         if at >= 0:
             cut = min(cut, at)
     return text[:cut]
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp dir into place; an existing `out` is swapped out, then removed."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _portable_vision(cfg: Any, tower: VisionTower) -> None:

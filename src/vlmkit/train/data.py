@@ -88,12 +88,13 @@ class StageData:
                 f"stage '{stage.name}': loss_average must be 'token' or 'sample', not '{stage.loss_average}'"
             )
         tasks = stage.tasks or None
+        processor = model.processor
         train = VLMDataset.from_config(
-            data_cfg, train_file, model, tasks=tasks, merge_turns=data_cfg.merge_turns
+            data_cfg, train_file, processor, tasks=tasks, merge_turns=data_cfg.merge_turns
         )
         val_file = stage.val_file or data_cfg.val
         val = (
-            VLMDataset.from_config(data_cfg, val_file, model, tasks=tasks, enforce_max_bad=False)
+            VLMDataset.from_config(data_cfg, val_file, processor, tasks=tasks, enforce_max_bad=False)
             if val_file
             else None
         )

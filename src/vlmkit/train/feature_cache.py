@@ -19,7 +19,8 @@ from vlmkit.models.vision import VisionTower
 
 if TYPE_CHECKING:
     from vlmkit.config import DataConfig
-    from vlmkit.data.dataset import ImageSettings, VLMDataset
+    from vlmkit.data.dataset import VLMDataset
+    from vlmkit.data.processor import ImageProcessor
 
 log = get_logger(__name__)
 
@@ -74,24 +75,13 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def preprocessing(images: ImageSettings) -> dict[str, Any]:
+def preprocessing(images: ImageProcessor) -> dict[str, Any]:
     """The image settings that decide the pixels the tower sees (not where files live, not the limits)."""
-    return {
-        "image_size": int(images.image_size),
-        "resize": images.resize,
-        "mean": [float(x) for x in images.mean],
-        "std": [float(x) for x in images.std],
-        "anyres_grid": [list(g) for g in images.grid] if images.resize == "anyres" else [],
-        "transform": _callable_name(images.transform),
-    }
-
-
-def _callable_name(fn: Callable[..., Any] | None) -> str | None:
-    return None if fn is None else getattr(fn, "__qualname__", type(fn).__qualname__)
+    return images.settings()
 
 
 def tower_fingerprint(
-    model: nn.Module, images: ImageSettings, dtype: torch.dtype = torch.float32
+    model: nn.Module, images: ImageProcessor, dtype: torch.dtype = torch.float32
 ) -> tuple[str, dict[str, Any]]:
     """(sha256 hex, description) of everything the cached features depend on: the tower's config (model.cfg.vision
     without weight sources), its HF configs, its weights, the preprocessing settings and the storage dtype."""
@@ -172,9 +162,9 @@ class FeatureCache:
     def shards(self) -> list[Path]:
         return sorted(self.root.glob(SHARD_GLOB))
 
-    def key_for(self, images: ImageSettings, ref: str) -> str:
-        """The content key of image `ref` (hashed once per resolved source, then remembered)."""
-        source = images.source(ref)
+    def key_for(self, dataset: VLMDataset, ref: str) -> str:
+        """The content key of `dataset`'s image `ref` (hashed once per resolved source, then remembered)."""
+        source = dataset.image_source(ref)
         name = ref if isinstance(source, bytes) else str(source)
         key = self._keys.get(name)
         if key is None:
@@ -196,17 +186,17 @@ class FeatureCache:
             handle = self._handles[shard] = safe_open(str(shard), framework="pt")
         return handle.get_tensor(key)
 
-    def source_for(self, images: ImageSettings) -> Callable[[str], torch.Tensor]:
+    def source_for(self, dataset: VLMDataset) -> Callable[[str], torch.Tensor]:
         """ref -> cached features [tiles, N, Dv], for `VLMDataset.feature_source`."""
 
         def lookup(ref: str) -> torch.Tensor:
-            return self.features(self.key_for(images, ref))
+            return self.features(self.key_for(dataset, ref))
 
         return lookup
 
     def attach(self, dataset: VLMDataset) -> None:
         """Make `dataset` yield `vision_features` from this cache instead of decoding images."""
-        dataset.feature_source = self.source_for(dataset.images)
+        dataset.feature_source = self.source_for(dataset)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -214,16 +204,16 @@ class FeatureCache:
         return state
 
     # ----------------------------------------------------------------------------------- compute
-    def missing(self, datasets: Iterable[VLMDataset]) -> list[tuple[str, ImageSettings, str, int]]:
-        """(key, image settings, ref, tiles) of every distinct image of `datasets` not cached yet."""
+    def missing(self, datasets: Iterable[VLMDataset]) -> list[tuple[str, VLMDataset, str, int]]:
+        """(key, dataset, ref, tiles) of every distinct image of `datasets` not cached yet."""
         seen: set[str] = set()
         todo = []
         for dataset in datasets:
             for enc in dataset.encoded:
                 for ref, tiles in zip(enc.images, enc.num_tiles):
-                    key = self.key_for(dataset.images, ref)
+                    key = self.key_for(dataset, ref)
                     if key not in seen and key not in self._index:
-                        todo.append((key, dataset.images, ref, int(tiles)))
+                        todo.append((key, dataset, ref, int(tiles)))
                     seen.add(key)
         return todo
 
@@ -252,7 +242,7 @@ class FeatureCache:
         try:
             for start in range(0, len(todo), max(1, batch_size)):
                 chunk = todo[start : start + max(1, batch_size)]
-                pixels = [images.tensors(images.open(ref)) for _, images, ref, _ in chunk]  # [tiles, 3, S, S]
+                pixels = [dataset.load_pixels(ref) for _, dataset, ref, _ in chunk]  # [tiles, 3, S, S]
                 for (_, _, ref, tiles), p in zip(chunk, pixels):
                     if p.shape[0] != tiles:
                         raise RuntimeError(f"image {ref} gave {p.shape[0]} tiles, {tiles} at validation")

@@ -216,12 +216,17 @@ class Trainer:
         if stage.init_from:
             path = resolve_init(stage.init_from)
             log.info("stage '%s' starts from %s", stage.name, path)
-            return VisionLanguageModel.from_pretrained(path).train()
-        if index > 0:
-            prev = stage_dir(self.out, index - 1, self.recipe.stages[index - 1]) / "model"
-            if prev.is_dir():
-                return VisionLanguageModel.from_pretrained(prev).train()
-        return VisionLanguageModel.from_config(self.recipe.model).train()
+            model = VisionLanguageModel.from_pretrained(path)
+        elif index > 0 and (prev := self._stage_model_dir(index - 1)).is_dir():
+            model = VisionLanguageModel.from_pretrained(prev)
+        else:
+            return VisionLanguageModel.from_config(self.recipe.model).train()
+        # the recipe decides how its data becomes model inputs (and so how the trained model is prompted)
+        model.cfg.processor = dataclasses.replace(self.recipe.model.processor)
+        return model.train()
+
+    def _stage_model_dir(self, index: int) -> Path:
+        return stage_dir(self.out, index, self.recipe.stages[index]) / "model"
 
     # ----------------------------------------------------------------------------------------- stage
     def _run_stage(
@@ -351,7 +356,6 @@ class Trainer:
         del wrapped, optimizer
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         merge_lora(model)
-        record_processor(model, self.recipe)
         for p in model.parameters():
             p.requires_grad_(False)
         if self.strategy.is_main:
@@ -474,15 +478,6 @@ def _pretrain_config(recipe: RecipeConfig) -> Any:
     cfg = from_dict(PretrainVisionConfig, dict(recipe.pretrain_vision), "pretrain_vision")
     vision = dataclasses.replace(recipe.model.vision, path=None)
     return dataclasses.replace(cfg, vision=vision)
-
-
-def record_processor(model: VisionLanguageModel, recipe: RecipeConfig) -> None:
-    """Copy the data settings that shape prompts and images into the model config (saved with the model)."""
-    data, proc = recipe.data, model.cfg.processor
-    proc.template, proc.system_prompt = data.template, data.system_prompt
-    proc.resize, proc.anyres_grid = data.resize, [list(x) for x in data.anyres_grid]
-    if data.synthetic is not None:
-        proc.grounding_format = data.synthetic.grounding_format
 
 
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:

@@ -253,7 +253,7 @@ def test_stage_loss_average_sample_adds_label_weights(tmp_path):
     from vlmkit.config import RecipeConfig, load_config
     from vlmkit.models.vlm import VisionLanguageModel
     from vlmkit.train.data import StageData
-    from vlmkit.train.distributed import build_strategy
+    from vlmkit.train.strategies import build_strategy
 
     recipe = load_config(RecipeConfig, "quickstart-tiny", ["train.feature_cache=false"])
     model = VisionLanguageModel.from_config(recipe.model)

@@ -261,7 +261,7 @@ def test_validation_shards_give_every_rank_the_same_number_of_batches() -> None:
 
 
 def test_a_multi_process_strategy_outside_torchrun_fails_clearly(monkeypatch) -> None:
-    from vlmkit.train.distributed import build_strategy
+    from vlmkit.train.strategies import build_strategy
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -64,7 +64,10 @@ def test_training_chat_and_prompt_paths_see_the_same_pixels(pad_model, tmp_path)
 def test_saved_processor_loads_without_the_model_and_pickles(pad_model, tmp_path):
     pad_model.save_pretrained(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / PROCESSOR_NAME).read_text())
-    assert saved["processor"]["resize"] == "pad" and saved["geometry"]["tokens_per_tile"] == pad_model.tokens_per_image()
+    assert (
+        saved["processor"]["resize"] == "pad"
+        and saved["geometry"]["tokens_per_tile"] == pad_model.tokens_per_image()
+    )
     loaded = Processor.from_pretrained(tmp_path / "m")  # tokenizer + settings only: no weights read
     again = pickle.loads(pickle.dumps(loaded))  # what a data-loader worker receives
     messages = [{"role": "user", "content": "<image>\nWhat is it?"}]

@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
         final = train(recipe, args.out, resume=args.resume)
     except RunDirError as err:
         raise SystemExit(f"error: {err}") from None
-    from vlmkit.train.distributed import rank
+    from vlmkit.train.strategies import rank
 
     if rank() == 0:
         print(f"trained model: {final}")

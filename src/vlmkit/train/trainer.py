@@ -91,7 +91,7 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume
-        from vlmkit.train.distributed import build_strategy
+        from vlmkit.train.strategies import build_strategy
 
         self.strategy = strategy or build_strategy(recipe.train.strategy)
         self.ckpt_root = self.out / "checkpoints"

@@ -1,4 +1,4 @@
-"""Execution strategies: single process, DDP and FSDP2 under torchrun (rank/world from the environment)."""
+"""The strategy contract and the single-process strategy; the STRATEGIES registry (rank/world from the environment)."""
 
 from __future__ import annotations
 
@@ -75,12 +75,3 @@ class SingleProcess:
     def shard(self, items: list[int]) -> list[int]:
         """This rank's slice of a global batch."""
         return items
-
-
-def build_strategy(name: str = "auto") -> Any:
-    """`auto`: DDP under torchrun with more than one process, else single process."""
-    if name == "auto":
-        name = "ddp" if world_size() > 1 else "single"
-    if name in ("ddp", "fsdp"):
-        import vlmkit.train.parallel  # noqa: F401  (registers the multi-process strategies)
-    return STRATEGIES.get(name)()

@@ -45,18 +45,21 @@ def select_next(
 
 def decode_loop(
     step: Callable[..., Any],
-    embeds: torch.Tensor,
+    inputs: Any,
     attention_mask: torch.Tensor,
-    media: tuple[torch.Tensor, torch.Tensor] | None,
+    advance: Callable[[dict[str, Any], bool], dict[str, Any]],
     llm: Any,
     cfg: GenerationConfig,
     eos_token_ids: Sequence[int],
     streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Run the token loop over `step(embeds, mask, position_ids, cache, media) -> output with .logits`.
+    """Run the token loop over `step(embeds, mask, position_ids, cache, kwargs) -> output with .logits`.
 
-    embeds [B, T, D] (left padded, mask [B, T]); returns new tokens [B, L], padded after a row ends.
+    `inputs` (an `LLMInputs`): embeds [B, T, D] (left padded, mask [B, T]) and the extra keyword arguments of the
+    LLM call, which `advance(kwargs, cached)` carries to the next step (the fusion's business, not the loop's).
+    Returns new tokens [B, L], padded after a row ends.
     """
+    embeds, kwargs = inputs.embeds, inputs.kwargs
     batch = embeds.shape[0]
     device = embeds.device
     generator = None
@@ -65,15 +68,12 @@ def decode_loop(
     pad_id = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else eos_token_ids[0]
     eos = torch.tensor(list(eos_token_ids), device=device)
     positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # [B, T]
-    media_index = media[1] if media is not None else None
     cache = DynamicCache() if cfg.use_cache else None
-    cur_embeds, cur_pos, cur_media = embeds, positions, media_index
+    cur_embeds, cur_pos = embeds, positions
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     for _ in range(cfg.max_new_tokens):
-        out = step(
-            cur_embeds, attention_mask, cur_pos, cache, (media[0], cur_media) if media is not None else None
-        )
+        out = step(cur_embeds, attention_mask, cur_pos, cache, kwargs)
         next_tok = select_next(out.logits[:, -1].float(), cfg, generator)
         next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)  # [B]
         tokens.append(next_tok)
@@ -88,15 +88,13 @@ def decode_loop(
         new_pos = positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         positions = torch.cat([positions, new_pos], dim=1)
-        if media_index is not None:
-            media_index = torch.cat([media_index, media_index[:, -1:]], dim=1)
+        kwargs = advance(kwargs, cache is not None)
         if cache is not None:
             cache = out.past_key_values
             cur_embeds, cur_pos = new_embed, new_pos
-            cur_media = media_index[:, -1:] if media_index is not None else None
         else:
             embeds = torch.cat([embeds, new_embed], dim=1)
-            cur_embeds, cur_pos, cur_media = embeds, positions, media_index
+            cur_embeds, cur_pos = embeds, positions
     if not tokens:
         return torch.empty(batch, 0, dtype=torch.long, device=device)
     return torch.stack(tokens, dim=1)

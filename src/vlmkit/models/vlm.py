@@ -21,6 +21,7 @@ from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeom
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.models.bridges import Bridge, build_bridge
+from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
 from vlmkit.models.llm import LanguageModel, build_llm
 from vlmkit.models.vision import VisionTower, build_vision_tower
@@ -47,13 +48,7 @@ class VisionLanguageModel(nn.Module):
         self.vision = vision
         self.bridge = bridge
         self.llm = llm
-        self.fusion: nn.Module | None = None
-        if cfg.fusion.mode == "xattn":
-            from vlmkit.models.xattn import XAttnFusion
-
-            self.fusion = XAttnFusion(llm, cfg.fusion)
-        elif cfg.fusion.mode != "prefix":
-            raise ValueError(f"fusion.mode '{cfg.fusion.mode}' is not one of: prefix, xattn")
+        self.fusion = build_fusion(llm, cfg.fusion)  # how visual tokens enter the LLM (FUSIONS registry)
         self.adapters: nn.Module | None = None
         if cfg.adapters is not None:
             from vlmkit.models.adapters import LLMAdapters
@@ -82,9 +77,7 @@ class VisionLanguageModel(nn.Module):
 
     def tokens_per_image(self, num_tiles: int = 1) -> int:
         """Placeholder tokens one image occupies in the text (1 under cross-attention fusion)."""
-        if self.fusion is not None:
-            return 1
-        return num_tiles * self.bridge.num_tokens(self.vision.num_patches())
+        return num_tiles * self.fusion.placeholders(self.bridge.num_tokens(self.vision.num_patches()))
 
     def image_placeholder(self, num_tiles: int = 1) -> str:
         """The exact placeholder string for one image (the image token repeated)."""
@@ -119,6 +112,30 @@ class VisionLanguageModel(nn.Module):
     def _bridge_dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
 
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        image_counts: Sequence[int] | None = None,
+        sample_ids: Sequence[str] | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> LLMInputs:
+        """Token ids [B, T] with placeholders + the images -> the LLM's inputs, through the fusion (one path for
+        training and generation). Placeholder counts are checked against the images first, naming the sample."""
+        embeds = self.llm.embed(input_ids)  # [B, T, D]
+        visual = None
+        if vision_features is not None and len(vision_features):
+            visual = self.encode_images(vision_features=vision_features)  # [I, M, D]
+        elif pixel_values is not None and len(pixel_values):
+            visual = self.encode_images(pixel_values)
+        is_image = input_ids == self.image_token_id  # [B, T]
+        num_images = 0 if visual is None else len(visual)
+        check_image_tokens(
+            is_image.sum(dim=1).tolist(), image_counts, num_images, self.tokens_per_image(), sample_ids
+        )
+        return self.fusion.merge(is_image, embeds, visual, position_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -141,64 +158,26 @@ class VisionLanguageModel(nn.Module):
         loss without the [B, T, vocab] logits. `label_weights` [B, T] (aligned with labels) turn the token mean
         into a weighted mean (`sample_label_weights`: the mean over samples).
         """
-        embeds = self.llm.embed(input_ids)  # [B, T, D]
-        visual = None
-        if vision_features is not None and len(vision_features):
-            visual = self.encode_images(vision_features=vision_features)
-        elif pixel_values is not None and len(pixel_values):
-            visual = self.encode_images(pixel_values)
-        embeds = self._merge(input_ids, embeds, visual, image_counts, sample_ids)
-        try:
-            if labels is not None and not return_logits and not use_cache and self.llm.plain_lm_head:
-                # use_cache=False also matters for packed rows: with a cache, transformers skips detecting
-                # the packed samples from position_ids and lets them attend to each other.
-                hidden = self.llm.decoder(
-                    inputs_embeds=embeds,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                ).last_hidden_state  # [B, T, D]
-                return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head, label_weights))
-            out = self.llm(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-            )
-        finally:
-            if self.fusion is not None:
-                self.fusion.clear()
+        inputs = self.embed_inputs(
+            input_ids, pixel_values, vision_features, image_counts, sample_ids, position_ids
+        )
+        common = {
+            "inputs_embeds": inputs.embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+        if labels is not None and not return_logits and not use_cache and self.llm.plain_lm_head:
+            # use_cache=False also matters for packed rows: with a cache, transformers skips detecting
+            # the packed samples from position_ids and lets them attend to each other.
+            hidden = self.llm.decoder(
+                **common, use_cache=False, **inputs.kwargs
+            ).last_hidden_state  # [B, T, D]
+            self.fusion.check(inputs.kwargs)
+            return VLMOutput(None, labelled_lm_loss(hidden, labels, self.llm.lm_head, label_weights))
+        out = self.llm(**common, past_key_values=past_key_values, use_cache=use_cache, **inputs.kwargs)
+        self.fusion.check(inputs.kwargs)
         loss = causal_lm_loss(out.logits, labels, label_weights) if labels is not None else None
         return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
-
-    def _merge(
-        self,
-        input_ids: torch.Tensor,
-        embeds: torch.Tensor,
-        visual: torch.Tensor | None,
-        image_counts: Sequence[int] | None,
-        sample_ids: Sequence[str] | None,
-    ) -> torch.Tensor:
-        """Prefix fusion: fill placeholders with visual tokens; xattn: hand images to the fusion layers."""
-        is_image = input_ids == self.image_token_id  # [B, T]
-        per_image = self.tokens_per_image()
-        check_image_tokens(
-            is_image.sum(dim=1).tolist(),
-            image_counts,
-            0 if visual is None else len(visual),
-            per_image,
-            sample_ids,
-        )
-        if visual is None:
-            if self.fusion is not None:
-                self.fusion.set_media(None, None)
-            return embeds
-        if self.fusion is not None:
-            self.fusion.set_media(*media_by_row(visual, is_image))
-            return embeds
-        mask = is_image.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, visual.reshape(-1, visual.shape[-1]))
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -220,18 +199,11 @@ class VisionLanguageModel(nn.Module):
         config = dataclasses.replace(config or GenerationConfig(), **overrides)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.llm.embed(input_ids)
-        visual = self.encode_images(pixel_values) if pixel_values is not None and len(pixel_values) else None
-        embeds = self._merge(input_ids, embeds, visual, image_counts, None)
-        media = None
-        if self.fusion is not None and visual is not None:
-            media = media_by_row(visual, input_ids == self.image_token_id)
+        inputs = self.embed_inputs(input_ids, pixel_values, image_counts=image_counts)
         eos = config.eos_token_ids or self.llm.eos_token_ids
-        try:
-            return decode_loop(self._step, embeds, attention_mask, media, self.llm, config, eos, streamer)
-        finally:
-            if self.fusion is not None:
-                self.fusion.clear()
+        return decode_loop(
+            self._step, inputs, attention_mask, self.fusion.advance, self.llm, config, eos, streamer
+        )
 
     def _step(
         self,
@@ -239,11 +211,9 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past_key_values: Any,
-        media: Any,
+        kwargs: dict[str, Any],
     ) -> Any:
-        """One LLM call for `decode_loop`: embeds [B, t, D] -> logits [B, t, V] (+ cache)."""
-        if self.fusion is not None:
-            self.fusion.set_media(*media) if media is not None else self.fusion.set_media(None, None)
+        """One LLM call for `decode_loop`: embeds [B, t, D] -> logits [B, 1, V] (+ cache)."""
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -251,6 +221,7 @@ class VisionLanguageModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             logits_to_keep=1,  # the decode loop reads only the last position: skip the rest of the LM head
+            **kwargs,
         )
 
     def generate_text(
@@ -346,23 +317,6 @@ def check_image_tokens(
             f"the batch has {total} image placeholder tokens but {num_images} image(s) yield "
             f"{num_images * tokens_per_image} visual tokens ({tokens_per_image} per image){which}{names}"
         )
-
-
-def media_by_row(visual: torch.Tensor, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group per-image tokens by row for cross-attention.
-
-    visual [I, M, D] (images in text order), is_image [B, T] (one marker per image) ->
-    media [B, max_I, M, D] and media_index [B, T]: index of the latest image at or before each token (-1: none).
-    """
-    counts = is_image.sum(dim=1)  # [B]
-    b, max_i = is_image.shape[0], int(counts.max().item()) if len(counts) else 0
-    media = visual.new_zeros(b, max(max_i, 1), *visual.shape[1:])
-    start = 0
-    for row, n in enumerate(counts.tolist()):
-        media[row, :n] = visual[start : start + n]
-        start += n
-    media_index = is_image.long().cumsum(dim=1) - 1  # [B, T]
-    return media, media_index
 
 
 def causal_lm_loss(

@@ -26,7 +26,11 @@ def preset_trainable(stage: StageConfig, model: nn.Module) -> list[str]:
         raise ValueError(
             f"stage '{stage.name}': unknown preset '{stage.preset}'; known: {', '.join(PRESETS)}"
         )
-    extra = [part for part in ("fusion", "adapters") if getattr(model, part, None) is not None]
+    extra = [  # parts that train wherever the bridge does (a prefix fusion has no parameters)
+        part
+        for part in ("fusion", "adapters")
+        if getattr(model, part, None) is not None and any(True for _ in getattr(model, part).parameters())
+    ]
     if stage.preset == "align":
         return ["bridge", *extra] + (["vision"] if stage.train_tower else [])
     if stage.preset == "instruct":

@@ -53,9 +53,9 @@ LLAMA = {
 def build_model() -> VisionLanguageModel:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(kind="hf", hf_config=CLIP),
-        bridge=BridgeConfig(kind="mlp"),
-        llm=LLMConfig(kind="tiny", hf_config=LLAMA),
+        vision=VisionConfig.make("hf", hf_config=CLIP),
+        bridge=BridgeConfig.make("mlp"),
+        llm=LLMConfig.make("tiny", hf_config=LLAMA),
     )
     return VisionLanguageModel.from_config(cfg).eval()
 

@@ -56,11 +56,11 @@ from vlmkit.config import (
     ModelConfig,
     StageConfig,
     VisionConfig,
-    ViTConfig,
 )
 from vlmkit.data.collate import Collator, LengthGroupedSampler, PackingCollator, model_inputs
 from vlmkit.data.dataset import VLMDataset
 from vlmkit.data.synthetic import ALL_TASKS, generate_shapesworld
+from vlmkit.models.vision import ViTConfig
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.data import StageData
 from vlmkit.train.feature_cache import maybe_feature_cache
@@ -125,11 +125,11 @@ def build_data(root: Path, n_scenes: int, n_captions: int, seed: int = 0) -> tup
 def instruct_model() -> VisionLanguageModel:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(
-            kind="vit", image_size=64, vit=ViTConfig(dim=128, depth=3, heads=4, patch_size=8)
+        vision=VisionConfig.make(
+            "vit", image_size=64, vit=ViTConfig(dim=128, depth=3, heads=4, patch_size=8)
         ),
-        bridge=BridgeConfig(kind="mlp", reduce="pool", reduce_factor=2),
-        llm=LLMConfig(kind="tiny", hf_config=LLM_WIDTH),
+        bridge=BridgeConfig.make("mlp", reduce="pool", reduce_factor=2),
+        llm=LLMConfig.make("tiny", hf_config=LLM_WIDTH),
     )
     model = VisionLanguageModel.from_config(cfg).train()
     apply_stage(model, StageConfig(name="instruct", preset="instruct"))
@@ -139,9 +139,9 @@ def instruct_model() -> VisionLanguageModel:
 def align_model() -> VisionLanguageModel:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(kind="hf", hf_config=CLIP_224),
-        bridge=BridgeConfig(kind="mlp", reduce="pool", reduce_factor=2),
-        llm=LLMConfig(kind="tiny", hf_config=LLM_WIDTH),
+        vision=VisionConfig.make("hf", hf_config=CLIP_224),
+        bridge=BridgeConfig.make("mlp", reduce="pool", reduce_factor=2),
+        llm=LLMConfig.make("tiny", hf_config=LLM_WIDTH),
     )
     model = VisionLanguageModel.from_config(cfg).train()
     apply_stage(model, StageConfig(name="align", preset="align"))

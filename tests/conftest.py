@@ -7,38 +7,21 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.config import BridgeConfig, FusionConfig, LLMConfig, ModelConfig, VisionConfig, ViTConfig
+from vlmkit.config import BridgeConfig, FusionConfig, LLMConfig, ModelConfig, VisionConfig
+from vlmkit.models.vision import VISION_TOWERS, ViTConfig
 
-_HF = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-TINY_TOWERS = {
-    "vit": VisionConfig(kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8)),
-    "clip": VisionConfig(kind="hf", hf_config={"model_type": "clip_vision_model", **_HF}),
-    "siglip": VisionConfig(kind="hf", hf_config={"model_type": "siglip_vision_model", **_HF}),
-    "dinov2": VisionConfig(kind="hf", hf_config={"model_type": "dinov2", **_HF}),
-    "dinov2+siglip": VisionConfig(
-        kind="fused",
-        towers=[
-            VisionConfig(kind="hf", hf_config={"model_type": "dinov2", **_HF}),
-            VisionConfig(kind="hf", hf_config={"model_type": "siglip_vision_model", **_HF}),
-        ],
-    ),
-}
+# every registered tower's tiny test configs ("clip", "siglip", ... for the `hf` kind): a new tower is covered
+# by the generated tests with no edit here
+TINY_TOWERS = {label.split(":")[-1]: cfg for label, cfg in VISION_TOWERS.tiny_configs().items()}
 
 
 def tiny_model_config(**parts) -> ModelConfig:
     """A tiny VLM config: 32-px ViT (4x4 patches), MLP bridge, tiny Llama with a trained BPE tokenizer."""
     cfg = ModelConfig(
-        vision=VisionConfig(kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8)),
-        bridge=BridgeConfig(kind="mlp"),
-        llm=LLMConfig(kind="tiny"),
-        fusion=FusionConfig(mode="prefix"),
+        vision=VisionConfig.make("vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8)),
+        bridge=BridgeConfig.make("mlp"),
+        llm=LLMConfig.make("tiny"),
+        fusion=FusionConfig.make("prefix"),
     )
     for name, value in parts.items():
         setattr(cfg, name, value)
@@ -65,5 +48,5 @@ def smollm2_vlm():
     from vlmkit.models.vlm import VisionLanguageModel
 
     torch.manual_seed(0)
-    cfg = tiny_model_config(llm=LLMConfig(kind="smollm2"))
+    cfg = tiny_model_config(llm=LLMConfig.make("smollm2"))
     return VisionLanguageModel.from_config(cfg).eval()

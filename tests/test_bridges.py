@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from vlmkit.config import BridgeConfig
+from vlmkit.config import BridgeConfig, ConfigError
 from vlmkit.models.bridges import (
     BRIDGES,
     REDUCE_MODES,
@@ -23,9 +25,11 @@ PER_PATCH = {"linear", "mlp"}
 
 
 def make(kind: str, reduce: str = "none", **overrides) -> Bridge:
+    """A bridge of `kind` with small settings (those its own config has)."""
     torch.manual_seed(0)
-    fields = {"num_queries": QUERIES, "num_layers": 2, "num_heads": 4, **overrides}
-    cfg = BridgeConfig(kind=kind, reduce=reduce, **fields)
+    known = {f.name for f in dataclasses.fields(BridgeConfig.kind_class(kind))} if kind in BRIDGES else set()
+    small = {k: v for k, v in {"num_queries": QUERIES, "num_layers": 2, "num_heads": 4}.items() if k in known}
+    cfg = BridgeConfig.make(kind, reduce=reduce, **{**small, **overrides})
     return build_bridge(VISION_DIM, LLM_DIM, cfg)
 
 
@@ -205,12 +209,12 @@ def test_cross_attn_non_square_queries_and_features() -> None:
 
 
 def test_default_num_queries_come_from_config() -> None:
-    cfg = BridgeConfig(kind="cross_attn", num_heads=4)
+    cfg = BridgeConfig.make("cross_attn", num_heads=4)
     assert build_bridge(VISION_DIM, LLM_DIM, cfg).num_tokens(64) == cfg.num_queries
 
 
 def test_unknown_kind_lists_known_ids() -> None:
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(ConfigError) as info:
         make("nope")
     for name in BRIDGES.names():
         assert name in str(info.value)
@@ -231,7 +235,7 @@ def test_out_norm_gives_tokens_the_embedding_rms(reduce: str) -> None:
     x = features(16) * 50  # large features: an unnormalized projector passes the scale on
     assert plain(x).pow(2).mean().sqrt() > 1.0
     torch.manual_seed(0)
-    normed = build_bridge(VISION_DIM, LLM_DIM, BridgeConfig(kind="mlp", reduce=reduce, out_norm=True), 0.13)
+    normed = build_bridge(VISION_DIM, LLM_DIM, BridgeConfig.make("mlp", reduce=reduce, out_norm=True), 0.13)
     out = normed(x)
     assert out.shape == plain(x).shape
     assert torch.allclose(out.pow(2).mean(-1).sqrt(), torch.full(out.shape[:2], 0.13), rtol=1e-3)

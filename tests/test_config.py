@@ -14,7 +14,18 @@ def test_unknown_key_names_key_and_allowed(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(ModelConfig, path)
     msg = str(err.value)
-    assert "bridge.knd" in msg and "kind" in msg and "num_queries" in msg
+    assert "bridge.knd" in msg and "kind 'mlp'" in msg and "depth" in msg  # the default kind's own keys
+
+
+def test_keys_are_checked_per_kind():
+    cfg = load_config(ModelConfig, None, ["bridge.kind=qformer", "bridge.num_queries=8", "fusion.mode=xattn"])
+    assert cfg.bridge.num_queries == 8 and cfg.fusion.every == 1  # each kind's own settings and defaults
+    with pytest.raises(ConfigError, match="'bridge.num_queries' for kind 'mlp'; allowed: .*depth"):
+        load_config(ModelConfig, None, ["bridge.num_queries=8"])  # a resampler setting on the mlp bridge
+    with pytest.raises(ConfigError, match="'fusion.every' for mode 'prefix'"):
+        load_config(ModelConfig, None, ["fusion.every=2"])
+    with pytest.raises(ConfigError, match="bridge.kind: unknown bridge 'nope'; known bridges: .*qformer"):
+        load_config(ModelConfig, None, ["bridge.kind=nope"])
 
 
 def test_overrides_and_types(tmp_path):

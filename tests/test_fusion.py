@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmkit.config import FusionConfig
+from vlmkit.config import ConfigError, FusionConfig
 from vlmkit.models.fusion import FUSIONS, Fusion, LLMInputs
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -33,7 +33,7 @@ def pooled_model():
     try:
         torch.manual_seed(0)
         yield VisionLanguageModel.from_config(
-            tiny_model_config(fusion=FusionConfig(mode="pooled-test"))
+            tiny_model_config(fusion=FusionConfig.make("pooled-test"))
         ).eval()
     finally:
         FUSIONS.unregister("pooled-test")
@@ -55,5 +55,5 @@ def test_a_registered_fusion_runs_forward_and_generate(pooled_model):
 
 
 def test_unknown_fusion_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known fusion modes: prefix, xattn"):
-        VisionLanguageModel.from_config(tiny_model_config(fusion=FusionConfig(mode="nope")))
+    with pytest.raises(ConfigError, match="known fusion modes: prefix, xattn"):
+        VisionLanguageModel.from_config(tiny_model_config(fusion=FusionConfig.make("nope")))

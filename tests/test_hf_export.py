@@ -36,13 +36,13 @@ TOWERS = {
     },
 }
 # a large init range so greedy decoding of a random model is not one repeated token
-LLM = LLMConfig(kind="tiny", hf_config={"initializer_range": 0.3})
+LLM = LLMConfig.make("tiny", hf_config={"initializer_range": 0.3})
 
 
 def _model(tower: str, bridge: str) -> VisionLanguageModel:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(kind="hf", hf_config=TOWERS[tower]), bridge=BridgeConfig(kind=bridge), llm=LLM
+        vision=VisionConfig.make("hf", hf_config=TOWERS[tower]), bridge=BridgeConfig.make(bridge), llm=LLM
     )
     return VisionLanguageModel.from_config(cfg).eval()
 
@@ -122,8 +122,8 @@ def test_unexportable_combinations_fail_clearly(tmp_path):
     torch.manual_seed(0)
     vit = VisionLanguageModel.from_config(
         ModelConfig(
-            vision=VisionConfig(kind="vit", image_size=32),
-            bridge=BridgeConfig(kind="perceiver", num_queries=4, num_heads=2),
+            vision=VisionConfig.make("vit", image_size=32),
+            bridge=BridgeConfig.make("perceiver", num_queries=4, num_heads=2),
             llm=LLM,
         )
     )
@@ -132,10 +132,10 @@ def test_unexportable_combinations_fail_clearly(tmp_path):
     assert "vision tower 'vit'" in str(err.value) and "bridge 'perceiver'" in str(err.value)
     xattn = VisionLanguageModel.from_config(
         ModelConfig(
-            vision=VisionConfig(kind="hf", hf_config=TOWERS["clip"]),
-            bridge=BridgeConfig(kind="mlp"),
+            vision=VisionConfig.make("hf", hf_config=TOWERS["clip"]),
+            bridge=BridgeConfig.make("mlp"),
             llm=LLM,
-            fusion=FusionConfig(mode="xattn"),
+            fusion=FusionConfig.make("xattn"),
         )
     )
     with pytest.raises(ExportError, match="fusion 'xattn'"):

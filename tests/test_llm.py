@@ -11,7 +11,7 @@ from vlmkit.models.llm import LLM_LOADERS, build_llm, smollm2_dir
 
 def test_tiny_llm_adds_image_token_and_resizes():
     torch.manual_seed(0)
-    llm = build_llm(LLMConfig(kind="tiny"))
+    llm = build_llm(LLMConfig.make("tiny"))
     assert "<image>" in llm.tokenizer.get_vocab()
     assert llm.embeddings.num_embeddings == len(llm.tokenizer)
     ids = llm.tokenizer("a red <image><image> circle")["input_ids"]
@@ -23,10 +23,10 @@ def test_tiny_llm_adds_image_token_and_resizes():
 
 def test_local_directory_round_trip(tmp_path):
     torch.manual_seed(0)
-    llm = build_llm(LLMConfig(kind="tiny"))
+    llm = build_llm(LLMConfig.make("tiny"))
     llm.model.save_pretrained(tmp_path)
     llm.tokenizer.save_pretrained(tmp_path)
-    again = build_llm(LLMConfig(kind="hf", path=str(tmp_path)))
+    again = build_llm(LLMConfig.make("hf", path=str(tmp_path)))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(again.model(input_ids=ids).logits, llm.model(input_ids=ids).logits, atol=1e-6)

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vlmkit.config import VisionConfig, ViTConfig
-from vlmkit.models.vision import SmallViT
+from vlmkit.config import VisionConfig
+from vlmkit.models.vision import SmallViT, ViTConfig
 from vlmkit.train.pretrain_vision import (
     PretrainVisionConfig,
     TextEncoderConfig,
@@ -26,7 +26,7 @@ from vlmkit.train.pretrain_vision import (
     train_contrastive,
 )
 
-TINY_VISION = VisionConfig(kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8))
+TINY_VISION = VisionConfig.make("vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8))
 
 
 def _cfg(data: str, **kw) -> PretrainVisionConfig:

@@ -26,7 +26,7 @@ VICUNA_SYS = (
 @pytest.fixture(scope="module")
 def tok():
     """The tiny test tokenizer (ChatML template, `<|im_end|>` as EOS) with `<image>` as a special token."""
-    return build_llm(LLMConfig(kind="tiny")).tokenizer
+    return build_llm(LLMConfig.make("tiny")).tokenizer
 
 
 def conversation(image: str | None = "a.png", *turns: str, sid: str = "s1") -> Sample:

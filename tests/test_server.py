@@ -69,7 +69,7 @@ def client(server):
 def lively():
     """A tiny model with a large init range, so answers vary by prompt (and include partial UTF-8 tokens)."""
     torch.manual_seed(0)
-    cfg = tiny_model_config(llm=LLMConfig(kind="tiny", hf_config={"initializer_range": 0.3}))
+    cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}))
     return CountingPredictor(VisionLanguageModel.from_config(cfg).eval())
 
 

@@ -20,13 +20,14 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from vlmkit.config import VisionConfig, ViTConfig
+from vlmkit.config import ConfigError, VisionConfig
 from vlmkit.models.vision import (
     VISION_TOWERS,
     FusedVisionTower,
     HFVisionTower,
     SmallViT,
     ViTBlock,
+    ViTConfig,
     build_vision_tower,
 )
 
@@ -61,7 +62,7 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 def hf_cfg(model_type: str, hf: dict | None = None, **overrides) -> VisionConfig:
     """A tiny `hf` tower config; `hf` updates the transformers config, `overrides` the VisionConfig."""
     hf_config = {"model_type": model_type, **HF_CONFIGS[model_type], **(hf or {})}
-    return VisionConfig(kind="hf", hf_config=hf_config, **overrides)
+    return VisionConfig.make("hf", hf_config=hf_config, **overrides)
 
 
 def hf_tower(model_type: str, hf: dict | None = None, **overrides) -> HFVisionTower:
@@ -130,8 +131,8 @@ def test_wrapped_module_classes_and_config_dict() -> None:
 
 def test_composite_config_takes_vision_part() -> None:
     text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-    cfg = VisionConfig(
-        kind="hf",
+    cfg = VisionConfig.make(
+        "hf",
         hf_config={
             "model_type": "clip",
             "vision_config": HF_CONFIGS["clip_vision_model"],
@@ -179,14 +180,14 @@ def test_load_from_local_dirs_and_rebuild_from_config_dict(tmp_path) -> None:
     (tmp_path / "enc" / "preprocessor_config.json").write_text(
         json.dumps({"image_mean": mean, "image_std": std})
     )
-    tower = build_vision_tower(VisionConfig(kind="hf", path=str(tmp_path / "enc"))).eval()
+    tower = build_vision_tower(VisionConfig.make("hf", path=str(tmp_path / "enc"))).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         torch.testing.assert_close(tower(pixels), expected)  # pretrained weights, not random ones
     assert (tower.image_mean, tower.image_std) == (mean, std)
 
-    rebuilt = build_vision_tower(VisionConfig(kind="hf", hf_config=tower.hf_config_dict())).eval()
+    rebuilt = build_vision_tower(VisionConfig.make("hf", hf_config=tower.hf_config_dict())).eval()
     rebuilt.load_state_dict(tower.state_dict())
     assert (rebuilt.image_mean, rebuilt.image_std) == (mean, std)  # kept without the preprocessor file
     with torch.no_grad():
@@ -201,7 +202,7 @@ def test_load_vision_part_of_full_siglip_checkpoint(tmp_path) -> None:
     torch.manual_seed(0)
     full = AutoModel.from_config(config).eval()
     full.save_pretrained(tmp_path / "siglip")
-    tower = build_vision_tower(VisionConfig(kind="hf", path=str(tmp_path / "siglip"))).eval()
+    tower = build_vision_tower(VisionConfig.make("hf", path=str(tmp_path / "siglip"))).eval()
     assert type(tower.model) is SiglipVisionModel and tower.num_prefix_tokens == 0
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -220,22 +221,22 @@ def test_gradient_reaches_tower_params() -> None:
 
 def test_hf_needs_exactly_one_source() -> None:
     with pytest.raises(ValueError, match="exactly one of vision.path"):
-        build_vision_tower(VisionConfig(kind="hf"))
+        build_vision_tower(VisionConfig.make("hf"))
     with pytest.raises(ValueError, match="model_type"):
-        build_vision_tower(VisionConfig(kind="hf", hf_config={"hidden_size": 32}))
+        build_vision_tower(VisionConfig.make("hf", hf_config={"hidden_size": 32}))
 
 
 def test_registry_lists_towers() -> None:
     assert {"vit", "hf", "fused"} <= set(VISION_TOWERS.names())
-    with pytest.raises(KeyError, match="fused, hf, vit"):
-        build_vision_tower(VisionConfig(kind="nope"))
+    with pytest.raises(ConfigError, match="known vision towers: fused, hf, vit"):
+        build_vision_tower(VisionConfig.make("nope"))
 
 
 # ---------------------------------------------------------------------------------------------- fused
 def test_fused_dinov2_siglip_concatenates_per_tower_features() -> None:
     torch.manual_seed(0)
     fused = build_vision_tower(
-        VisionConfig(kind="fused", towers=[hf_cfg("dinov2"), hf_cfg("siglip_vision_model")])
+        VisionConfig.make("fused", towers=[hf_cfg("dinov2"), hf_cfg("siglip_vision_model")])
     )
     fused.eval()
     assert isinstance(fused, FusedVisionTower) and isinstance(fused.towers, torch.nn.ModuleList)
@@ -259,7 +260,7 @@ def test_fused_dinov2_siglip_concatenates_per_tower_features() -> None:
 def test_fused_with_different_sizes_same_grid_resizes_per_tower() -> None:
     siglip = hf_cfg("siglip_vision_model", {"image_size": 48, "patch_size": 12})  # 48 / 12 = 4x4, like 32 / 8
     torch.manual_seed(0)
-    fused = build_vision_tower(VisionConfig(kind="fused", towers=[hf_cfg("dinov2"), siglip])).eval()
+    fused = build_vision_tower(VisionConfig.make("fused", towers=[hf_cfg("dinov2"), siglip])).eval()
     assert fused.image_size == 48
     image = random_image(4)
     pixels = fused.transform(image)[None]  # [1, 3, 48, 48]
@@ -275,18 +276,18 @@ def test_fused_grid_mismatch_is_a_clear_error() -> None:
     with pytest.raises(
         ValueError, match="fused towers have different patch grids: dinov2 4x4 vs siglip_vision_model 2x2"
     ):
-        build_vision_tower(VisionConfig(kind="fused", towers=[hf_cfg("dinov2"), siglip]))
+        build_vision_tower(VisionConfig.make("fused", towers=[hf_cfg("dinov2"), siglip]))
     with pytest.raises(ValueError, match="token counts"):
         build_vision_tower(
-            VisionConfig(
-                kind="fused", towers=[hf_cfg("dinov2"), hf_cfg("clip_vision_model", drop_prefix_tokens=False)]
+            VisionConfig.make(
+                "fused", towers=[hf_cfg("dinov2"), hf_cfg("clip_vision_model", drop_prefix_tokens=False)]
             )
         )
 
 
 def test_fused_gradient_reaches_every_tower() -> None:
     fused = build_vision_tower(
-        VisionConfig(kind="fused", towers=[hf_cfg("dinov2"), hf_cfg("siglip_vision_model")])
+        VisionConfig.make("fused", towers=[hf_cfg("dinov2"), hf_cfg("siglip_vision_model")])
     )
     fused(torch.randn(1, 3, 32, 32)).pow(2).mean().backward()
     for tower in fused.towers:
@@ -296,7 +297,7 @@ def test_fused_gradient_reaches_every_tower() -> None:
 
 # ------------------------------------------------------------------------------------------------ vit
 def test_small_vit_contract() -> None:
-    cfg = VisionConfig(kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8))
+    cfg = VisionConfig.make("vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8))
     tower = build_vision_tower(cfg).eval()
     assert isinstance(tower, SmallViT) and tower.block_cls == (ViTBlock,)
     with torch.no_grad():
@@ -304,7 +305,7 @@ def test_small_vit_contract() -> None:
         states = tower.hidden_states(torch.zeros(1, 3, 32, 32))
     assert features.shape == (2, tower.num_patches(), 32) == (2, 16, 32)
     assert len(states) == 3 and tower.grid_size() == 4
-    keep = build_vision_tower(VisionConfig(kind="vit", image_size=32, drop_prefix_tokens=False, vit=cfg.vit))
+    keep = build_vision_tower(VisionConfig.make("vit", image_size=32, drop_prefix_tokens=False, vit=cfg.vit))
     with torch.no_grad():
         assert keep(torch.randn(1, 3, 32, 32)).shape[1] == keep.num_patches() == 17
     assert keep.grid_size() == 4
@@ -315,8 +316,6 @@ def test_small_vit_contract() -> None:
 def test_hf_tower_runs_at_a_set_resolution(model_type):
     import copy
 
-    from vlmkit.config import VisionConfig as VC
-
     base = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -325,7 +324,7 @@ def test_hf_tower_runs_at_a_set_resolution(model_type):
         "image_size": 32,
         "patch_size": 8,
     }
-    cfg = VC(kind="hf", hf_config={"model_type": model_type, **base}, resolution=48)
+    cfg = VisionConfig.make("hf", hf_config={"model_type": model_type, **base}, resolution=48)
     tower = build_vision_tower(copy.deepcopy(cfg))
     assert tower.image_size == 48 and tower.num_patches() == 36
     img = Image.new("RGB", (50, 40), (200, 10, 10))

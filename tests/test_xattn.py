@@ -21,8 +21,8 @@ PROMPTS = [
 
 def _model(every: int = 1, heads: int = 4, **llm: str) -> VisionLanguageModel:
     torch.manual_seed(0)
-    fusion = FusionConfig(mode="xattn", every=every, heads=heads)
-    cfg = tiny_model_config(fusion=fusion, llm=LLMConfig(kind="tiny", **llm))
+    fusion = FusionConfig.make("xattn", every=every, heads=heads)
+    cfg = tiny_model_config(fusion=fusion, llm=LLMConfig.make("tiny", **llm))
     return VisionLanguageModel.from_config(cfg).eval()
 
 
@@ -71,7 +71,7 @@ def test_blocks_inserted_every_nth_layer_without_double_registration():
     )  # registered once, under fusion
     assert not any(".xattn." in n for n in every_name)
     with pytest.raises(ValueError, match="already has cross-attention"):
-        XAttnFusion(model.llm, FusionConfig(mode="xattn"))
+        XAttnFusion(model.llm, FusionConfig.make("xattn"))
     with pytest.raises(ValueError, match="divide"):
         _model(heads=5)
     with pytest.raises(ValueError, match="selects none"):

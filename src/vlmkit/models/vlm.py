@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from vlmkit import __version__
-from vlmkit.config import ModelConfig, from_dict, to_dict
+from vlmkit.config import LLMConfig, ModelConfig, drop_unknown_keys, from_dict, to_dict
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator
 from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeometry
@@ -249,8 +249,8 @@ class VisionLanguageModel(nn.Module):
     def portable_config(self) -> ModelConfig:
         """A config that rebuilds this exact architecture without any download or pretrained source."""
         cfg = from_dict(ModelConfig, to_dict(self.cfg))
-        cfg.llm.kind, cfg.llm.path, cfg.llm.gguf_file = "hf", None, None
-        cfg.llm.hf_config = self.llm.model.config.to_dict()
+        common = {k: getattr(cfg.llm, k) for k in ("image_token", "chat_template", "dtype")}
+        cfg.llm = LLMConfig.make("hf", hf_config=self.llm.model.config.to_dict(), **common)
         _portable_vision(cfg.vision, self.vision)
         return cfg
 
@@ -272,7 +272,8 @@ class VisionLanguageModel(nn.Module):
         if not (model_dir / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{model_dir} has no {CONFIG_NAME}: not a vlmkit model directory")
         meta = json.loads((model_dir / CONFIG_NAME).read_text())
-        cfg = from_dict(ModelConfig, meta["model"])
+        # written by vlmkit itself: keys an older version saved for every kind are dropped, not refused
+        cfg = from_dict(ModelConfig, drop_unknown_keys(ModelConfig, meta["model"]))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = cls.from_config(cfg, tokenizer=tokenizer)
         missing, unexpected = load_model(model, str(model_dir / WEIGHTS_NAME), strict=False)
@@ -376,5 +377,5 @@ def _portable_vision(cfg: Any, tower: VisionTower) -> None:
         cfg.path, cfg.hf_config = None, hf
     elif cfg.kind == "vit":
         cfg.path = None  # the saved model holds the weights; a pretrained-weights path is not needed again
-    for sub_cfg, sub_tower in zip(cfg.towers, getattr(tower, "towers", [])):
+    for sub_cfg, sub_tower in zip(getattr(cfg, "towers", []), getattr(tower, "towers", [])):
         _portable_vision(sub_cfg, sub_tower)

@@ -65,7 +65,7 @@ class PretrainVisionConfig:
 
     data: str | None = None
     image_root: str | None = None
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig.make("vit"))
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 64
     batch_size: int = 64

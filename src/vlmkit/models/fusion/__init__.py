@@ -13,4 +13,5 @@ __all__ = ["FUSIONS", "Fusion", "LLMInputs", "build_fusion"]
 
 def build_fusion(llm: Any, cfg: Any) -> Fusion:
     """The fusion named by `cfg.mode`, built on `llm`."""
+    cfg = cfg.resolved()
     return FUSIONS.get(cfg.mode)(llm, cfg)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from vlmkit.config import FusionConfig
 from vlmkit.models.fusion.base import FUSIONS, Fusion, LLMInputs
 
 
-@FUSIONS.register("prefix")
+@FUSIONS.register("prefix", tiny=lambda: {"prefix": FusionConfig(mode="prefix")})
 class PrefixFusion(Fusion):
     """Placeholders filled by `masked_scatter`, in order: one placeholder per visual token."""
 

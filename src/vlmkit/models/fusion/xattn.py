@@ -180,13 +180,27 @@ class XAttnDecoderLayer(DecoderLayerWrapper):
         return block(hidden.to(dtype), images, index, kv).to(hidden.dtype)
 
 
-@FUSIONS.register("xattn")
+@dataclass
+class XAttnFusionConfig(FusionConfig):
+    """`xattn`: a gated cross-attention block (`heads` heads, feed-forward `ff_mult` x wide) before every
+    `every`-th decoder layer of the LLM."""
+
+    every: int = 1
+    heads: int = 4
+    ff_mult: int = 2
+
+
+@FUSIONS.register(
+    "xattn",
+    config=XAttnFusionConfig,
+    tiny=lambda: {"xattn": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
+)
 class XAttnFusion(Fusion):
     """Inserts a `GatedCrossAttentionBlock` before every `cfg.every`-th decoder layer of `llm` (in place) and owns
     the blocks (`blocks["<layer index>"]`). Each image is one placeholder token in the text; every token attends
     to the latest image of its own sample."""
 
-    def __init__(self, llm: LanguageModel, cfg: FusionConfig) -> None:
+    def __init__(self, llm: LanguageModel, cfg: XAttnFusionConfig) -> None:
         super().__init__(llm, cfg)
         if cfg.every < 1:
             raise ValueError(f"fusion.every must be >= 1, got {cfg.every}")

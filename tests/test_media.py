@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -124,6 +127,88 @@ def test_pixel_limit_is_checked_from_the_header():
     assert err.value.code == "image_too_large"
 
 
+def _encoded(fmt: str, size=(24, 16), **save) -> bytes:
+    buf = io.BytesIO()
+    random_image(1, size).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def _fits() -> bytes:
+    """A minimal 8-bit 4x4 FITS file (PIL decodes FITS unless told not to)."""
+    cards = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                    8",
+        "NAXIS   =                    2",
+        "NAXIS1  =                    4",
+        "NAXIS2  =                    4",
+        "END",
+    ]
+    header = "".join(c.ljust(80) for c in cards).ljust(2880).encode("ascii")
+    return header + bytes(range(16)).ljust(2880, b"\0")
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_the_default_formats_decode(fmt):
+    image = load_media(_data_url(_encoded(fmt)), MediaPolicy())
+    assert image.size == (24, 16) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("name, data", [("FITS", _fits()), ("EPS", EPS), ("TIFF", _encoded("TIFF"))])
+def test_formats_outside_the_allow_list_are_refused_before_decoding(name, data, monkeypatch):
+    from PIL import Image
+
+    Image.init()
+    opened = []
+    factory, accept = Image.OPEN[name]
+
+    def spy(*args):
+        opened.append(name)
+        return factory(*args)
+
+    monkeypatch.setitem(Image.OPEN, name, (spy, accept))
+    with pytest.raises(MediaError) as err:
+        load_media(_data_url(data), MediaPolicy())
+    assert err.value.code == "unsupported_image_format"
+    assert opened == []  # the format's decoder was never even tried
+
+
+def test_the_format_allow_list_is_configurable():
+    tiff = _data_url(_encoded("TIFF"))
+    assert load_media(tiff, MediaPolicy(image_formats=("png", "tiff"))).size == (24, 16)
+    with pytest.raises(MediaError):
+        load_media(_data_url(_encoded("BMP")), MediaPolicy(image_formats=("png", "tiff")))
+    with pytest.raises(ValueError, match="NOPE"):
+        MediaPolicy(image_formats=("png", "nope"))
+
+
+def test_an_animated_gif_gives_its_first_frame():
+    frames = [random_image(i, (20, 10)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = load_media(_data_url(buf.getvalue()), MediaPolicy())
+    expected = load_media(_data_url(_encoded_frame(frames[0])), MediaPolicy())
+    assert first.size == (20, 10) and list(first.getdata()) == list(expected.getdata())
+
+
+def _encoded_frame(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_a_jpeg_whose_data_ends_early_is_refused(keep):
+    data = _encoded("JPEG", (400, 300), quality=95)
+    assert load_media(_data_url(data), MediaPolicy()).size == (400, 300)
+    cut = data[: int(len(data) * keep)] + b"\xff\xd9"  # scan data cut short, then an end-of-image marker
+    with pytest.raises(MediaError) as err:
+        load_media(_data_url(cut), MediaPolicy())
+    assert err.value.code == "invalid_image" and "ends before" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------- local files
 
 
@@ -176,6 +261,47 @@ def test_local_file_size_limit(media_root):
     with pytest.raises(MediaError) as err:
         read_media_bytes(str(media_root / "sub" / "ok.png"), policy)
     assert err.value.code == "image_too_large"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_directory_is_refused_without_leaking_a_file_descriptor(media_root):
+    policy = MediaPolicy(allowed_local_paths=[media_root])
+    before = _open_fds()
+    for ref in [str(media_root / "sub"), f"file://{media_root}/sub", str(media_root)] * 20:
+        with pytest.raises(MediaError) as err:
+            load_media(ref, policy)
+        assert err.value.code == "local_media_refused" and "regular file" in str(err.value)
+    assert _open_fds() == before
+
+
+def test_a_fifo_is_refused_at_once_without_blocking(media_root):
+    fifo = media_root / "pipe.png"
+    os.mkfifo(fifo)
+    policy = MediaPolicy(allowed_local_paths=[media_root])
+    before = _open_fds()
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(load_media, str(fifo), policy)
+    try:
+        with pytest.raises(MediaError) as err:
+            future.result(timeout=5)  # a blocking open() of a FIFO never returns
+        assert err.value.code == "local_media_refused" and "regular file" in str(err.value)
+        assert _open_fds() == before
+    finally:
+        _unblock_readers(fifo)
+        pool.shutdown(wait=True)
+
+
+def _unblock_readers(fifo) -> None:
+    """Open the FIFO for writing (once a reader waits, this succeeds), so a blocked reader can finish."""
+    for _ in range(50):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader left
+            return
+        time.sleep(0.01)
 
 
 def test_unknown_schemes_are_refused():

@@ -1,9 +1,11 @@
-"""Safe image fetching for the server: data: URLs, allow-listed local paths, SSRF-checked http(s) downloads."""
+"""Safe image fetching for the server: data: URLs, allow-listed local paths, SSRF-checked http(s) downloads;
+then an allow-listed format decoded under the pixel limit."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import ipaddress
 import os
 import re
@@ -20,6 +22,7 @@ import httpx
 from PIL import Image
 
 from vlmkit.data.images import ImageError, load_image
+from vlmkit.infer.decoding import DEFAULT_IMAGE_FORMATS, DecodeError, ImageInfo, check_formats, probe_image
 from vlmkit.log import get_logger
 
 logger = get_logger(__name__)
@@ -36,10 +39,12 @@ _DATA_RE = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]
 
 
 class MediaError(ValueError):
-    """An image reference that is refused or cannot be loaded; `code` is a short machine-readable key."""
+    """An image reference that is refused or cannot be loaded; `code` is a short machine-readable key and
+    `status` the HTTP status it deserves (503: the server, not the request, is at fault)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
         self.code = code
+        self.status = status
         super().__init__(message)
 
 
@@ -53,7 +58,19 @@ class MediaPolicy:
     max_image_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
     max_redirects: int = 3
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = 10.0  # per fetch, and for reading a local file
+    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS  # PIL format names that may be decoded
+
+    def __post_init__(self) -> None:
+        self.image_formats = check_formats(self.image_formats)
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes that passed every policy check, with what their header says (nothing decoded yet)."""
+
+    data: bytes
+    info: ImageInfo
 
 
 def load_media(
@@ -64,9 +81,39 @@ def load_media(
     transport: httpx.BaseTransport | None = None,
 ) -> Image.Image:
     """An image reference (data: URL, local path / file:// URL, http(s) URL) -> a decoded RGB image."""
+    return decode_media(fetch_media(url, policy, resolver=resolver, transport=transport), policy)
+
+
+def fetch_media(
+    url: str,
+    policy: MediaPolicy,
+    *,
+    resolver: Resolver | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> EncodedImage:
+    """The bytes behind an image reference and their header: an allowed format within the pixel limit."""
     data = read_media_bytes(url, policy, resolver=resolver, transport=transport)
     try:
-        return load_image(data, max_pixels=policy.max_pixels, max_bytes=policy.max_image_bytes)
+        info = probe_image(data, policy.image_formats)
+    except DecodeError as err:
+        raise MediaError(err.code, f"cannot use image: {err}") from None
+    if info.pixels > policy.max_pixels:
+        raise MediaError(
+            "image_too_large",
+            f"image is {info.width}x{info.height} pixels > the limit of {policy.max_pixels}",
+        )
+    return EncodedImage(data, info)
+
+
+def decode_media(image: EncodedImage, policy: MediaPolicy) -> Image.Image:
+    """Decode checked bytes into an RGB image (only with the decoder of the format the header named)."""
+    try:
+        return load_image(
+            image.data,
+            max_pixels=policy.max_pixels,
+            max_bytes=policy.max_image_bytes,
+            formats=[image.info.format],
+        )
     except ImageError as err:
         code = "image_too_large" if err.reason in ("too_large", "too_many_pixels") else "invalid_image"
         raise MediaError(code, f"cannot use image: {err}") from err
@@ -138,33 +185,61 @@ def local_path(url: str, roots: Sequence[Path]) -> Path:
     try:
         real = Path(raw).expanduser().resolve(strict=True)
     except (OSError, RuntimeError):
-        raise MediaError("local_media_refused", "local image not found or not allowed") from None
+        raise MediaError("local_media_refused", _REFUSED) from None
     for root in roots:
         real_root = Path(root).expanduser().resolve()
         if real == real_root or real.is_relative_to(real_root):
             return real
-    raise MediaError("local_media_refused", "local image not found or not allowed")
+    raise MediaError("local_media_refused", _REFUSED)
+
+
+_REFUSED = "local image not found or not allowed"
+_NOT_REGULAR = "local image is not a regular file"
 
 
 def read_local(url: str, policy: MediaPolicy) -> bytes:
-    """Read an allowed local file, refusing anything that changed into a symlink since it was resolved."""
+    """Read an allowed local file: regular files only (no directory, FIFO, device), opened without blocking and
+    without following a symlink swapped in since the path was resolved, read within `fetch_timeout_s`."""
     path = local_path(url, policy.allowed_local_paths)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        raise MediaError("local_media_refused", "local image not found or not allowed") from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(os.stat(path).st_mode):  # refuse before opening: opening a device may act
+            raise MediaError("local_media_refused", _NOT_REGULAR)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            raise MediaError("server_out_of_files", "the server cannot open files right now", 503) from None
+        raise MediaError("local_media_refused", _REFUSED) from None
+    try:
+        st = os.fstat(fd)  # the file actually opened
         if not stat.S_ISREG(st.st_mode):
-            raise MediaError("local_media_refused", "local image is not a regular file")
+            raise MediaError("local_media_refused", _NOT_REGULAR)
         if st.st_size > policy.max_image_bytes:
             raise MediaError(
                 "image_too_large", f"image file has {st.st_size} bytes > {policy.max_image_bytes}"
             )
-        data = fh.read(policy.max_image_bytes + 1)
-    if len(data) > policy.max_image_bytes:
-        raise MediaError("image_too_large", f"image file exceeds {policy.max_image_bytes} bytes")
-    return data
+        return _read_fd(fd, policy.max_image_bytes, time.monotonic() + policy.fetch_timeout_s)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, max_bytes: int, deadline: float) -> bytes:
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise MediaError("local_media_refused", "reading the local image took too long")
+        try:
+            chunk = os.read(fd, min(2**20, max_bytes + 1 - size))
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        except OSError:
+            raise MediaError("local_media_refused", "local image cannot be read") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise MediaError("image_too_large", f"image file exceeds {max_bytes} bytes")
+        chunks.append(chunk)
 
 
 # ------------------------------------------------------------------------------------------ http(s)

@@ -16,16 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from vlmkit.infer.media import (
-    MediaError,
-    MediaPolicy,
-    blocked_reason,
-    decode_data_url,
-    fetch_remote,
-    load_media,
-    read_media_bytes,
-    validate_remote_url,
-)
+from vlmkit.infer.media import MediaError, MediaPolicy, decode_data_url, load_media, read_media_bytes
+from vlmkit.infer.remote import blocked_reason, fetch_remote, validate_remote_url
 
 from conftest import random_image
 

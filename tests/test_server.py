@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from vlmkit.config import LLMConfig
+from vlmkit.infer.api import ServerConfig
+from vlmkit.infer.batching import BatchWorker, Job
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.media import MediaPolicy
-from vlmkit.infer.server import BatchWorker, Job, ServerConfig, ServerThread, build_predictor, create_app
+from vlmkit.infer.server import build_predictor, create_app
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
 from conftest import random_image, tiny_model_config
+from serving import ServerThread
 
 
 class CountingPredictor(Predictor):

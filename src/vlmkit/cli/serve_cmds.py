@@ -25,8 +25,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace, web: bool) -> object:
+    from vlmkit.infer.api import ServerConfig
     from vlmkit.infer.media import MediaPolicy
-    from vlmkit.infer.server import ServerConfig
 
     media = MediaPolicy(
         allowed_local_paths=[Path(p) for p in args.allowed_local_media_path],

@@ -87,7 +87,8 @@ def probe_image(data: bytes, formats: Sequence[str]) -> ImageInfo:
             if other is None:
                 raise DecodeError("invalid_image", "not a recognised image") from None
             raise DecodeError(
-                "unsupported_image_format", f"{other} images are not accepted here (only {', '.join(formats)})"
+                "unsupported_image_format",
+                f"{other} images are not accepted here (only {', '.join(formats)})",
             ) from None
         except Image.DecompressionBombError as err:
             raise DecodeError("image_too_large", str(err)) from None

@@ -5,6 +5,7 @@ Nothing here leaves the machine: DNS is a fake resolver and HTTP an `httpx.MockT
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -498,3 +499,75 @@ def test_http_errors_become_media_errors():
             "http://unknown.allowed.example/x", _remote(), resolver=FakeDNS(), transport=web.transport
         )
     assert err.value.code == "media_fetch_failed"
+
+
+# ------------------------------------------------------------------------------------ the pixel budget
+
+
+def test_a_pixel_budget_admits_what_fits_and_queues_the_rest_in_order():
+    from vlmkit.infer.decoding import PixelBudget
+
+    async def scenario() -> list[str]:
+        budget = PixelBudget(100)
+        order: list[str] = []
+
+        async def request(name: str, pixels: int, hold: float) -> None:
+            await budget.reserve(pixels, timeout=5)
+            order.append(f"+{name}")
+            assert budget.used <= budget.total
+            await asyncio.sleep(hold)
+            budget.release(pixels)
+            order.append(f"-{name}")
+
+        first = asyncio.create_task(request("a", 60, 0.05))
+        await asyncio.sleep(0.01)
+        big = asyncio.create_task(request("big", 90, 0.01))  # waits for a...
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(
+            request("small", 30, 0.01)
+        )  # ...and so does this one, though it would fit
+        await asyncio.gather(first, big, small)
+        assert budget.used == 0 and budget.peak == 90 and budget.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["+a", "-a", "+big", "-big", "+small", "-small"]
+
+
+def test_a_pixel_budget_refuses_what_never_fits_and_gives_up_after_its_timeout():
+    from vlmkit.infer.decoding import BudgetError, PixelBudget
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        with pytest.raises(BudgetError) as err:
+            await budget.reserve(101, timeout=5)
+        assert err.value.code == "too_large" and budget.used == 0
+        await budget.reserve(80, timeout=1)
+        with pytest.raises(BudgetError) as err:
+            await budget.reserve(50, timeout=0.05)
+        assert err.value.code == "timeout" and budget.waiting == 0 and budget.used == 80
+        waiter = asyncio.create_task(budget.reserve(20, timeout=1))  # the timed-out one left no trace
+        await asyncio.sleep(0)
+        assert waiter.done() and budget.used == 100
+        budget.release(100)
+
+    asyncio.run(scenario())
+
+
+def test_memory_is_handed_back_when_the_budget_drains_after_a_large_hold():
+    from vlmkit.infer.decoding import PixelBudget
+
+    async def scenario() -> list[int]:
+        drains: list[int] = []
+        budget = PixelBudget(1000, on_drain=lambda: drains.append(budget.used), drain_after=500)
+        for pixels in (100, 200):  # 300 held in all: not worth a trim
+            await budget.reserve(pixels, timeout=1)
+        budget.release(300)
+        assert drains == []
+        await budget.reserve(400, timeout=1)
+        await budget.reserve(300, timeout=1)
+        budget.release(400)
+        assert drains == []  # not drained yet
+        budget.release(300)
+        return drains
+
+    assert asyncio.run(scenario()) == [0]  # once, when nothing was held any more

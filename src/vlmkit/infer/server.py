@@ -334,9 +334,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        errors = exc.errors()  # of a union, the deepest error says what is wrong (not "is not a str")
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p))]
         param = ".".join(loc) or None
         message = (
             f"{param}: {first.get('msg', 'invalid request')}"
@@ -345,6 +345,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         )
         code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
         return ApiError(400, message, param=param, code=code).response()
+
+
+def _union_branch(part: str) -> bool:
+    """A pydantic location part that names a branch of a union, not a field ("str", "list[...]")."""
+    return "[" in part or part in ("str", "int", "float", "bool", "none")
 
 
 class BodyGuardMiddleware:

@@ -22,7 +22,7 @@ from vlmkit.config import LLMConfig
 from vlmkit.infer.api import ServerConfig
 from vlmkit.infer.batching import BatchWorker, Job
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
-from vlmkit.infer.media import MediaPolicy
+from vlmkit.infer.media import MediaError, MediaPolicy
 from vlmkit.infer.server import build_predictor, create_app
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
@@ -559,6 +559,15 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
             "*.cdn.example",
             "--max-tokens-limit",
             "100",
+            "--image-formats",
+            "png",
+            "tiff",
+            "--max-decoded-pixels",
+            "1000000",
+            "--body-timeout",
+            "7",
+            "--stall-timeout",
+            "9",
             "--no-web",
         ]
     )
@@ -568,8 +577,14 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert config.max_tokens_limit == 100 and config.default_max_tokens == 100 and not config.web
     assert config.media.allow_remote and config.media.allowed_domains == ["example.com", "*.cdn.example"]
     assert config.media.allowed_local_paths == [tmp_path]
+    assert config.media.image_formats == ("PNG", "TIFF") and config.decode_budget == 1_000_000
+    assert config.body_timeout_s == 7 and config.stall_timeout_s == 9
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
+    assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+    assert defaults.decode_budget == 8 * 40_000_000  # one request at its limits always fits
+    with pytest.raises(SystemExit, match="EPSX"):
+        _server_config(build_parser().parse_args(["serve", "m", "--image-formats", "png", "epsx"]), web=True)
     with pytest.raises(SystemExit):  # domains without --allow-remote-media is a mistake, not a silent no-op
         _server_config(
             build_parser().parse_args(["serve", "m", "--allowed-media-domains", "a.com"]), web=True
@@ -665,6 +680,25 @@ def test_health_reports_a_dead_worker():
         app.state.worker.stop()
         health = httpx.get(f"{srv.url}/health")
         assert health.status_code == 503 and "not running" in health.json()["problems"][0]
+
+
+def test_health_reports_a_stuck_image_load(monkeypatch):
+    gate = threading.Event()
+
+    def hanging_fetch(url, policy):  # e.g. a decoder that never returns
+        gate.wait(30)
+        raise MediaError("invalid_image", "gave up")
+
+    monkeypatch.setattr("vlmkit.infer.server.fetch_media", hanging_fetch)
+    with ServerThread(create_app(FlakyBackend(), ServerConfig(stall_timeout_s=0.5))) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            body = {"messages": _user("q", _png_url((8, 8)))}
+            pending = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions", json=body, timeout=30)
+            _wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 503)
+            assert "image load" in httpx.get(f"{srv.url}/health").json()["problems"][0]
+            gate.set()
+            assert pending.result().status_code == 400
+        assert httpx.get(f"{srv.url}/health").status_code == 200
 
 
 def test_health_reports_a_server_running_out_of_file_descriptors():

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
-import os
-import resource
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +26,7 @@ from vlmkit.infer.api import ApiError, ChatCompletionRequest, ImageRef, ServerCo
 from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor
+from vlmkit.infer.health import health_problems
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
@@ -158,7 +156,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health", response_model=api.Health, responses={503: {"model": api.Health}})
     async def health() -> JSONResponse:
-        problems = _health_problems(worker, loads, config)
+        problems = health_problems(worker, loads, config)
         return JSONResponse(
             {
                 "status": "unhealthy" if problems else "ok",
@@ -279,34 +277,6 @@ async def _stream(
     finally:
         call.job.cancelled.set()  # finished, or the client went away: free the row either way
         release()
-
-
-def _health_problems(worker: BatchWorker, loads: dict[object, float], config: ServerConfig) -> list[str]:
-    """Why the server cannot serve right now (empty when it can)."""
-    problems = []
-    if not worker.alive:
-        problems.append("the generation worker is not running")
-    elif (stalled := worker.stalled_for()) > config.stall_timeout_s:
-        problems.append(f"the generation worker has made no progress for {stalled:.0f} s")
-    now = time.monotonic()
-    stuck = [now - start for start in list(loads.values()) if now - start > config.stall_timeout_s]
-    if stuck:
-        problems.append(f"{len(stuck)} image load(s) stuck for up to {max(stuck):.0f} s")
-    return problems + _fd_problems(config.min_free_fds)
-
-
-def _fd_problems(min_free: int) -> list[str]:
-    """File descriptors: the server must be able to open files (and sockets), with some headroom."""
-    try:
-        os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        used = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
-    except OSError as err:
-        reason = "too many open files" if err.errno in (errno.EMFILE, errno.ENFILE) else err.strerror
-        return [f"the server cannot open files: {reason}"]
-    if soft != resource.RLIM_INFINITY and used and soft - used < min_free:
-        return [f"only {soft - used} of {soft} file descriptors are free"]
-    return []
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

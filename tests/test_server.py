@@ -226,6 +226,11 @@ def test_openai_client_sees_a_400_with_the_error_shape(client):
     assert err.value.status_code == 400
     assert err.value.body["param"] == "max_tokens" and err.value.body["type"] == "invalid_request_error"
     assert err.value.body["code"] == "max_tokens_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:  # max_completion_tokens wins, but both must be valid
+        client.chat.completions.create(
+            model="tiny", messages=_user("hi"), max_tokens=10_000, max_completion_tokens=5
+        )
+    assert err.value.body["param"] == "max_tokens"
 
 
 BAD_REQUESTS = {
@@ -830,6 +835,8 @@ def test_the_openapi_document_is_true(server):
     assert {"200", "400", "408", "413", "429", "503"} <= set(responses)
     assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    event = responses["200"]["content"]["text/event-stream"]["schema"]  # one event (OpenAPI 3.1)
+    assert event["required"] == ["data"] and event["properties"]["data"]["type"] == "string"
     request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert request["n"]["maximum"] == 1
     assert {"type": "integer", "minimum": 1, "maximum": 64} in request["max_tokens"][

@@ -261,15 +261,16 @@ class Health(BaseModel):
 
 def generation_config(body: ChatCompletionRequest, config: ServerConfig) -> GenerationConfig:
     """The request's sampling settings (limits checked)."""
+    for param in ("max_tokens", "max_completion_tokens"):  # each is checked, though the second wins
+        value = getattr(body, param)
+        if value is not None and value > config.max_tokens_limit:
+            raise ApiError(
+                400,
+                f"{param}={value} exceeds the limit of {config.max_tokens_limit}",
+                param=param,
+                code="max_tokens_exceeded",
+            )
     max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
-    if max_tokens > config.max_tokens_limit:
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        raise ApiError(
-            400,
-            f"{param}={max_tokens} exceeds the limit of {config.max_tokens_limit}",
-            param=param,
-            code="max_tokens_exceeded",
-        )
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > config.max_stop_strings or any(not s or len(s) > 256 for s in stops):
         raise ApiError(
@@ -362,7 +363,7 @@ def convert_messages(
 def box_image(body: ChatCompletionRequest, num_images: int) -> int:
     """The image (0-based, from the start) that the answer's boxes are mapped onto: the last one unless the
     request names one."""
-    if body.box_image is None:
+    if body.box_image is None or num_images == 0:  # without images there are no boxes to map
         return max(num_images - 1, 0)
     if not -num_images <= body.box_image < num_images:
         raise ApiError(

@@ -143,6 +143,7 @@ class BatchWorker:
                     job.emit(("error", generation_failed(err)))
             finally:
                 self._busy_since = None
+                del first, jobs  # the batch's images must not outlive it while the worker waits
 
     def _collect(self, first: Job) -> list[Job]:
         """The batch that starts with `first`: more requests until `batch_window_ms` passes without one (longer,

@@ -123,7 +123,17 @@ _ERRORS = {status: {"model": api.ErrorResponse} for status in (400, 408, 413, 42
 _STREAM_DOC = {
     "description": "a chat.completion, or with `stream: true` Server-Sent Events: chat.completion.chunk "
     "payloads on `data:` lines, then `data: [DONE]`",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {  # OpenAPI 3.1: the schema of one event
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "data": {"type": "string", "description": "a chat.completion.chunk, an error, or [DONE]"}
+                },
+                "required": ["data"],
+            }
+        }
+    },
 }
 
 
@@ -138,7 +148,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         app.state.budget = PixelBudget(
             config.decode_budget,
-            on_drain=lambda: loop.call_later(0.2, loop.run_in_executor, None, release_memory),
+            on_drain=lambda: loop.call_later(1.0, loop.run_in_executor, None, release_memory),
         )
         worker.start()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import resource
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -826,6 +828,22 @@ def test_memory_is_handed_back_after_a_large_batch(monkeypatch):
         assert reply.status_code == 200
         _wait_for(lambda: trims == [1])
         assert app.state.budget.used == 0
+
+
+def test_a_finished_request_leaves_no_image_behind():
+    seen = []
+
+    class Watching(FlakyBackend):
+        def generate(self, requests, *args, **kwargs):
+            seen.extend(weakref.ref(image) for r in requests for image in r.images)
+            return super().generate(requests, *args, **kwargs)
+
+    with ServerThread(create_app(Watching(), ServerConfig())) as srv:
+        reply = httpx.post(
+            f"{srv.url}/v1/chat/completions", json={"messages": _user("hi", _png_url((64, 64)))}
+        )
+        assert reply.status_code == 200 and len(seen) == 1
+        _wait_for(lambda: gc.collect() is not None and seen[0]() is None)  # not kept until the next batch
 
 
 def test_the_openapi_document_is_true(server):

@@ -80,7 +80,8 @@ def run_schemathesis(url: str, examples: int) -> int:
     cmd = [exe, "--config-file", str(ROOT / "bench" / "schemathesis.toml"), "run", f"{url}/openapi.json"]
     cmd += ["--checks", "all", "--max-examples", str(examples), "--seed", "1", "--workers", "2", "--no-color"]
     print("$", " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800).stdout
+    with tempfile.TemporaryDirectory() as cwd:  # schemathesis keeps a cache of examples in its working dir
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=cwd).stdout
     summary = [line.strip() for line in out.splitlines() if re.search(r"generated|failure|passed|Seed", line)]
     print("\n".join(f"  {line}" for line in summary[-4:]))
     found = re.search(r"(\d+) generated, (\d+) passed", out)

@@ -311,8 +311,15 @@ def test_malformed_bodies_and_routes(server):
 
 
 def test_streaming_errors_are_4xx_before_the_stream_starts(server):
-    body = {"messages": _user("look: <image>"), "stream": True}
-    _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+    for messages in (_user("word " * 400), _user("hi", "data:image/png;base64,!!!")):
+        body = {"messages": messages, "stream": True}
+        _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+
+
+def test_without_max_tokens_the_default_is_capped_at_the_limit(server):
+    body = {"messages": _user("hi"), "ignore_eos": True}  # the config's default (256) is over its limit (64)
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 64
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -813,6 +820,23 @@ def test_concurrent_requests_decode_within_the_pixel_budget(monkeypatch):
         assert _assert_openai_error(too_big, 400)["code"] == "image_too_large"
         assert "decode budget" in too_big.json()["error"]["message"]
     assert trims == []  # 9 MP in all: below the hand-back threshold (16 MP)
+
+
+def test_streams_give_their_pixels_back_however_they_end():
+    app = create_app(FlakyBackend(), ServerConfig(request_timeout_s=30))
+    image = _png_url((300, 200))
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        done = httpx.post(url, json={"messages": _user("fine", image), "stream": True}, timeout=30)
+        assert done.text.endswith("data: [DONE]\n\n") and app.state.budget.peak == 60_000
+        _wait_for(lambda: app.state.budget.used == 0)
+        with httpx.stream(
+            "POST", url, json={"messages": _user("slow", image), "stream": True}, timeout=30
+        ) as r:
+            lines = r.iter_lines()  # (a dropped iterator would close the connection)
+            assert next(lines).startswith("data: ")
+            assert app.state.budget.used == 60_000  # held while the answer streams
+        _wait_for(lambda: app.state.budget.used == 0)  # the client went away
 
 
 def test_memory_is_handed_back_after_a_large_batch(monkeypatch):

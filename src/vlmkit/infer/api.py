@@ -270,7 +270,8 @@ def generation_config(body: ChatCompletionRequest, config: ServerConfig) -> Gene
                 param=param,
                 code="max_tokens_exceeded",
             )
-    max_tokens = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+    default = min(config.default_max_tokens, config.max_tokens_limit)
+    max_tokens = body.max_completion_tokens or body.max_tokens or default
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > config.max_stop_strings or any(not s or len(s) > 256 for s in stops):
         raise ApiError(

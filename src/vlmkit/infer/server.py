@@ -207,10 +207,8 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             finish = _Finish(box_image, [p.size for p in pictures], [ref.detail for ref in refs])
             if body.stream:  # the stream owns the job and the images from here on
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                response = StreamingResponse(
-                    _stream(call, meta, include_usage, finish, images.release),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                response = _EventStream(
+                    _stream(call, meta, include_usage, finish), on_close=_closer(call, images)
                 )
                 streaming = True
                 return response
@@ -255,8 +253,31 @@ class _Finish:
         self.box_image, self.sizes, self.details = box_image, sizes, details
 
 
+class _EventStream(StreamingResponse):
+    """Server-Sent Events whose `on_close` runs however the response ends (even if it never started)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _closer(call: _Call, images: _Images) -> Callable[[], None]:
+    def close() -> None:  # finished, or the client went away: free the row and the images either way
+        call.job.cancelled.set()
+        images.release()
+
+    return close
+
+
 async def _stream(
-    call: _Call, meta: dict[str, Any], include_usage: bool, finish: _Finish, release: Callable[[], None]
+    call: _Call, meta: dict[str, Any], include_usage: bool, finish: _Finish
 ) -> AsyncIterator[str]:
     """SSE chunks: the role, content deltas, a last chunk with finish_reason (+ boxes), usage, [DONE]."""
 
@@ -264,29 +285,25 @@ async def _stream(
         choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
         return _sse({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            try:
-                kind, value = await call.next()
-            except ApiError as err:
-                yield _sse(err.body())
-                break
-            if kind == "text":
-                yield chunk({"content": value})
-            elif kind == "error":
-                yield _sse(value.body())
-                break
-            elif kind == "done":
-                yield chunk({"boxes": api.boxes(value, finish.box_image)}, api.finish_reason(value))
-                if include_usage:
-                    usage = api.usage(value, finish.sizes, finish.details)
-                    yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        call.job.cancelled.set()  # finished, or the client went away: free the row either way
-        release()
+    yield chunk({"role": "assistant", "content": ""})
+    while True:
+        try:
+            kind, value = await call.next()
+        except ApiError as err:
+            yield _sse(err.body())
+            break
+        if kind == "text":
+            yield chunk({"content": value})
+        elif kind == "error":
+            yield _sse(value.body())
+            break
+        elif kind == "done":
+            yield chunk({"boxes": api.boxes(value, finish.box_image)}, api.finish_reason(value))
+            if include_usage:
+                usage = api.usage(value, finish.sizes, finish.details)
+                yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+            break
+    yield "data: [DONE]\n\n"
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

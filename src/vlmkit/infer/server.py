@@ -1,5 +1,6 @@
-"""OpenAI-compatible chat server (FastAPI): the routes, Server-Sent Events, health, the request-body guard and
-the OpenAPI document. Schemas live in `infer/api.py`, the model thread in `infer/batching.py`."""
+"""OpenAI-compatible chat server (FastAPI): the routes, Server-Sent Events and the OpenAPI document. Schemas live
+in `infer/api.py`, the model thread in `infer/batching.py`, error bodies and the body guard in `infer/errors.py`,
+the health checks in `infer/health.py`."""
 
 from __future__ import annotations
 
@@ -15,21 +16,21 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmkit.infer import api
 from vlmkit.infer.api import ApiError, ChatCompletionRequest, ImageRef, ServerConfig
 from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
+from vlmkit.infer.errors import BodyGuardMiddleware, add_error_handlers
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor
 from vlmkit.infer.health import health_problems
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
+from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
 logger = get_logger(__name__)
@@ -40,7 +41,14 @@ _DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its clie
 class _Call:
     """The handler's side of one job: an asyncio queue fed by the worker thread."""
 
-    def __init__(self, worker: BatchWorker, request: ChatRequest, stream: bool, timeout: float) -> None:
+    def __init__(
+        self,
+        worker: BatchWorker,
+        request: ChatRequest,
+        config: GenerationConfig,
+        stream: bool,
+        timeout: float,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -48,8 +56,7 @@ class _Call:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                 loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-        assert request.config is not None
-        self.job = Job(request, request.config, emit, stream=stream)
+        self.job = Job(request, config, emit, stream=stream)
         self.deadline = time.monotonic() + timeout
         worker.submit(self.job)
 
@@ -161,7 +168,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.loads = loads
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     created = int(time.time())
 
     @app.get("/health", response_model=api.Health, responses={503: {"model": api.Health}})
@@ -195,7 +202,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
                 box_image = api.box_image(body, len(refs))
                 pictures = await images.load(refs, config.request_timeout_s)
                 chat_request = ChatRequest(messages, pictures, gen_config, box_image=box_image)
-                call = _Call(worker, chat_request, body.stream, config.request_timeout_s)
+                call = _Call(worker, chat_request, gen_config, body.stream, config.request_timeout_s)
             kind, value = await call.next(request)  # accepted by the worker, or refused
             if kind == "error":
                 raise value
@@ -319,79 +326,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc, ApiError):
-            return exc.response()
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        return ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()  # of a union, the deepest error says what is wrong (not "is not a str")
-        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_branch(str(p))]
-        param = ".".join(loc) or None
-        message = (
-            f"{param}: {first.get('msg', 'invalid request')}"
-            if param
-            else first.get("msg", "invalid request")
-        )
-        code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_value"
-        return ApiError(400, message, param=param, code=code).response()
-
-
-def _union_branch(part: str) -> bool:
-    """A pydantic location part that names a branch of a union, not a field ("str", "list[...]")."""
-    return "[" in part or part in ("str", "int", "float", "bool", "none")
-
-
-class BodyGuardMiddleware:
-    """Refuses request bodies over `max_bytes` (HTTP 413, by Content-Length and while streaming) and cuts off a
-    client whose body has not fully arrived `timeout_s` after its headers (HTTP 408)."""
-
-    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-
-    async def __call__(
-        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope.get("headers", [])).get(b"content-length")
-        too_large = ApiError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await too_large.response()(scope, receive, send)
-            return
-        received, deadline, done = 0, time.monotonic() + self.timeout_s, False
-
-        async def guarded() -> dict[str, Any]:
-            nonlocal received, done
-            if done:  # the body is in: what follows is the wait for a disconnect
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                raise ApiError(
-                    408,
-                    f"the request body did not arrive within {self.timeout_s:g} s",
-                    code="body_timeout",
-                    headers={"Connection": "close"},
-                ) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_large
-                done = not message.get("more_body", False)
-            return message
-
-        await self.app(scope, guarded, send)
 
 
 # ------------------------------------------------------------------------------------------ running

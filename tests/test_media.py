@@ -5,24 +5,20 @@ Nothing here leaves the machine: DNS is a fake resolver and HTTP an `httpx.MockT
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import os
 import struct
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from vlmkit.infer.media import (
-    MediaError,
-    MediaPolicy,
-    blocked_reason,
-    decode_data_url,
-    fetch_remote,
-    load_media,
-    read_media_bytes,
-    validate_remote_url,
-)
+from vlmkit.infer.media import MediaError, MediaPolicy, decode_data_url, load_media, read_media_bytes
+from vlmkit.infer.remote import blocked_reason, fetch_remote, validate_remote_url
 
 from conftest import random_image
 
@@ -124,6 +120,88 @@ def test_pixel_limit_is_checked_from_the_header():
     assert err.value.code == "image_too_large"
 
 
+def _encoded(fmt: str, size=(24, 16), **save) -> bytes:
+    buf = io.BytesIO()
+    random_image(1, size).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def _fits() -> bytes:
+    """A minimal 8-bit 4x4 FITS file (PIL decodes FITS unless told not to)."""
+    cards = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                    8",
+        "NAXIS   =                    2",
+        "NAXIS1  =                    4",
+        "NAXIS2  =                    4",
+        "END",
+    ]
+    header = "".join(c.ljust(80) for c in cards).ljust(2880).encode("ascii")
+    return header + bytes(range(16)).ljust(2880, b"\0")
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_the_default_formats_decode(fmt):
+    image = load_media(_data_url(_encoded(fmt)), MediaPolicy())
+    assert image.size == (24, 16) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("name, data", [("FITS", _fits()), ("EPS", EPS), ("TIFF", _encoded("TIFF"))])
+def test_formats_outside_the_allow_list_are_refused_before_decoding(name, data, monkeypatch):
+    from PIL import Image
+
+    Image.init()
+    opened = []
+    factory, accept = Image.OPEN[name]
+
+    def spy(*args):
+        opened.append(name)
+        return factory(*args)
+
+    monkeypatch.setitem(Image.OPEN, name, (spy, accept))
+    with pytest.raises(MediaError) as err:
+        load_media(_data_url(data), MediaPolicy())
+    assert err.value.code == "unsupported_image_format"
+    assert opened == []  # the format's decoder was never even tried
+
+
+def test_the_format_allow_list_is_configurable():
+    tiff = _data_url(_encoded("TIFF"))
+    assert load_media(tiff, MediaPolicy(image_formats=("png", "tiff"))).size == (24, 16)
+    with pytest.raises(MediaError):
+        load_media(_data_url(_encoded("BMP")), MediaPolicy(image_formats=("png", "tiff")))
+    with pytest.raises(ValueError, match="NOPE"):
+        MediaPolicy(image_formats=("png", "nope"))
+
+
+def test_an_animated_gif_gives_its_first_frame():
+    frames = [random_image(i, (20, 10)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = load_media(_data_url(buf.getvalue()), MediaPolicy())
+    expected = load_media(_data_url(_encoded_frame(frames[0])), MediaPolicy())
+    assert first.size == (20, 10) and list(first.getdata()) == list(expected.getdata())
+
+
+def _encoded_frame(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "GIF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_a_jpeg_whose_data_ends_early_is_refused(keep):
+    data = _encoded("JPEG", (400, 300), quality=95)
+    assert load_media(_data_url(data), MediaPolicy()).size == (400, 300)
+    cut = data[: int(len(data) * keep)] + b"\xff\xd9"  # scan data cut short, then an end-of-image marker
+    with pytest.raises(MediaError) as err:
+        load_media(_data_url(cut), MediaPolicy())
+    assert err.value.code == "invalid_image" and "ends before" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------- local files
 
 
@@ -176,6 +254,47 @@ def test_local_file_size_limit(media_root):
     with pytest.raises(MediaError) as err:
         read_media_bytes(str(media_root / "sub" / "ok.png"), policy)
     assert err.value.code == "image_too_large"
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_directory_is_refused_without_leaking_a_file_descriptor(media_root):
+    policy = MediaPolicy(allowed_local_paths=[media_root])
+    before = _open_fds()
+    for ref in [str(media_root / "sub"), f"file://{media_root}/sub", str(media_root)] * 20:
+        with pytest.raises(MediaError) as err:
+            load_media(ref, policy)
+        assert err.value.code == "local_media_refused" and "regular file" in str(err.value)
+    assert _open_fds() == before
+
+
+def test_a_fifo_is_refused_at_once_without_blocking(media_root):
+    fifo = media_root / "pipe.png"
+    os.mkfifo(fifo)
+    policy = MediaPolicy(allowed_local_paths=[media_root])
+    before = _open_fds()
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(load_media, str(fifo), policy)
+    try:
+        with pytest.raises(MediaError) as err:
+            future.result(timeout=5)  # a blocking open() of a FIFO never returns
+        assert err.value.code == "local_media_refused" and "regular file" in str(err.value)
+        assert _open_fds() == before
+    finally:
+        _unblock_readers(fifo)
+        pool.shutdown(wait=True)
+
+
+def _unblock_readers(fifo) -> None:
+    """Open the FIFO for writing (once a reader waits, this succeeds), so a blocked reader can finish."""
+    for _ in range(50):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader left
+            return
+        time.sleep(0.01)
 
 
 def test_unknown_schemes_are_refused():
@@ -380,3 +499,75 @@ def test_http_errors_become_media_errors():
             "http://unknown.allowed.example/x", _remote(), resolver=FakeDNS(), transport=web.transport
         )
     assert err.value.code == "media_fetch_failed"
+
+
+# ------------------------------------------------------------------------------------ the pixel budget
+
+
+def test_a_pixel_budget_admits_what_fits_and_queues_the_rest_in_order():
+    from vlmkit.infer.decoding import PixelBudget
+
+    async def scenario() -> list[str]:
+        budget = PixelBudget(100)
+        order: list[str] = []
+
+        async def request(name: str, pixels: int, hold: float) -> None:
+            await budget.reserve(pixels, timeout=5)
+            order.append(f"+{name}")
+            assert budget.used <= budget.total
+            await asyncio.sleep(hold)
+            budget.release(pixels)
+            order.append(f"-{name}")
+
+        first = asyncio.create_task(request("a", 60, 0.05))
+        await asyncio.sleep(0.01)
+        big = asyncio.create_task(request("big", 90, 0.01))  # waits for a...
+        await asyncio.sleep(0.01)
+        small = asyncio.create_task(
+            request("small", 30, 0.01)
+        )  # ...and so does this one, though it would fit
+        await asyncio.gather(first, big, small)
+        assert budget.used == 0 and budget.peak == 90 and budget.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["+a", "-a", "+big", "-big", "+small", "-small"]
+
+
+def test_a_pixel_budget_refuses_what_never_fits_and_gives_up_after_its_timeout():
+    from vlmkit.infer.decoding import BudgetError, PixelBudget
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        with pytest.raises(BudgetError) as err:
+            await budget.reserve(101, timeout=5)
+        assert err.value.code == "too_large" and budget.used == 0
+        await budget.reserve(80, timeout=1)
+        with pytest.raises(BudgetError) as err:
+            await budget.reserve(50, timeout=0.05)
+        assert err.value.code == "timeout" and budget.waiting == 0 and budget.used == 80
+        waiter = asyncio.create_task(budget.reserve(20, timeout=1))  # the timed-out one left no trace
+        await asyncio.sleep(0)
+        assert waiter.done() and budget.used == 100
+        budget.release(100)
+
+    asyncio.run(scenario())
+
+
+def test_memory_is_handed_back_when_the_budget_drains_after_a_large_hold():
+    from vlmkit.infer.decoding import PixelBudget
+
+    async def scenario() -> list[int]:
+        drains: list[int] = []
+        budget = PixelBudget(1000, on_drain=lambda: drains.append(budget.used), drain_after=500)
+        for pixels in (100, 200):  # 300 held in all: not worth a trim
+            await budget.reserve(pixels, timeout=1)
+        budget.release(300)
+        assert drains == []
+        await budget.reserve(400, timeout=1)
+        await budget.reserve(300, timeout=1)
+        budget.release(400)
+        assert drains == []  # not drained yet
+        budget.release(300)
+        return drains
+
+    assert asyncio.run(scenario()) == [0]  # once, when nothing was held any more

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
+import os
+import resource
+import socket
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import torch
+from PIL import Image
 
 from vlmkit.config import LLMConfig
+from vlmkit.infer.api import ServerConfig
+from vlmkit.infer.batching import BatchWorker, Job
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
-from vlmkit.infer.media import MediaPolicy
-from vlmkit.infer.server import BatchWorker, Job, ServerConfig, ServerThread, build_predictor, create_app
+from vlmkit.infer.media import MediaError, MediaPolicy
+from vlmkit.infer.server import build_predictor, create_app
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
 from conftest import random_image, tiny_model_config
+from serving import ServerThread
 
 
 class CountingPredictor(Predictor):
@@ -219,6 +228,11 @@ def test_openai_client_sees_a_400_with_the_error_shape(client):
     assert err.value.status_code == 400
     assert err.value.body["param"] == "max_tokens" and err.value.body["type"] == "invalid_request_error"
     assert err.value.body["code"] == "max_tokens_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:  # max_completion_tokens wins, but both must be valid
+        client.chat.completions.create(
+            model="tiny", messages=_user("hi"), max_tokens=10_000, max_completion_tokens=5
+        )
+    assert err.value.body["param"] == "max_tokens"
 
 
 BAD_REQUESTS = {
@@ -297,8 +311,15 @@ def test_malformed_bodies_and_routes(server):
 
 
 def test_streaming_errors_are_4xx_before_the_stream_starts(server):
-    body = {"messages": _user("look: <image>"), "stream": True}
-    _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+    for messages in (_user("word " * 400), _user("hi", "data:image/png;base64,!!!")):
+        body = {"messages": messages, "stream": True}
+        _assert_openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60), 400)
+
+
+def test_without_max_tokens_the_default_is_capped_at_the_limit(server):
+    body = {"messages": _user("hi"), "ignore_eos": True}  # the config's default (256) is over its limit (64)
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 64
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -552,6 +573,15 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
             "*.cdn.example",
             "--max-tokens-limit",
             "100",
+            "--image-formats",
+            "png",
+            "tiff",
+            "--max-decoded-pixels",
+            "1000000",
+            "--body-timeout",
+            "7",
+            "--stall-timeout",
+            "9",
             "--no-web",
         ]
     )
@@ -561,9 +591,399 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert config.max_tokens_limit == 100 and config.default_max_tokens == 100 and not config.web
     assert config.media.allow_remote and config.media.allowed_domains == ["example.com", "*.cdn.example"]
     assert config.media.allowed_local_paths == [tmp_path]
+    assert config.media.image_formats == ("PNG", "TIFF") and config.decode_budget == 1_000_000
+    assert config.body_timeout_s == 7 and config.stall_timeout_s == 9
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
+    assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+    assert defaults.decode_budget == 8 * 40_000_000  # one request at its limits always fits
+    with pytest.raises(SystemExit, match="EPSX"):
+        _server_config(build_parser().parse_args(["serve", "m", "--image-formats", "png", "epsx"]), web=True)
     with pytest.raises(SystemExit):  # domains without --allow-remote-media is a mistake, not a silent no-op
         _server_config(
             build_parser().parse_args(["serve", "m", "--allowed-media-domains", "a.com"]), web=True
         )
+
+
+# --------------------------------------------------------------------------------- hardening (probes)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _unblock_fifo_readers(fifo) -> None:
+    """Open the FIFO for writing while readers wait (so a reader blocked in open() can finish)."""
+    for _ in range(100):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waits
+            return
+        time.sleep(0.01)
+
+
+def test_directories_and_fifos_under_the_media_root_get_a_400_and_the_server_stays_up(tmp_path):
+    root = tmp_path / "media"
+    (root / "album").mkdir(parents=True)
+    os.mkfifo(root / "pipe.png")
+    config = ServerConfig(media=MediaPolicy(allowed_local_paths=[root]), request_timeout_s=20)
+    try:
+        with ServerThread(create_app(FlakyBackend(), config)) as srv, httpx.Client(timeout=10) as http:
+            url = f"{srv.url}/v1/chat/completions"
+            http.post(url, json={"messages": _user("warm up")})
+            before = _fds()
+            for _ in range(30):  # each used to leak a file descriptor (and answer 500)
+                error = _assert_openai_error(
+                    http.post(url, json={"messages": _user("hi", str(root / "album"))}), 400
+                )
+                assert error["code"] == "local_media_refused"
+            assert _fds() <= before + 2
+
+            def fifo(_):  # each used to block a worker thread forever
+                return httpx.post(url, json={"messages": _user("hi", f"file://{root}/pipe.png")}, timeout=10)
+
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(fifo, range(8)))
+            assert all(_assert_openai_error(r, 400)["code"] == "local_media_refused" for r in replies)
+            text = http.post(url, json={"messages": _user("text only")})
+            assert (
+                text.status_code == 200
+                and text.json()["choices"][0]["message"]["content"] == "echo text only"
+            )
+            assert http.get(f"{srv.url}/health").json()["status"] == "ok"
+    finally:
+        _unblock_fifo_readers(root / "pipe.png")
+
+
+class StuckBackend(FlakyBackend):
+    """Generation that hangs (no decode step, no `should_stop` poll) until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def generate(self, requests, *args, **kwargs):
+        self.release.wait(30)
+        return super().generate(requests, *args, **kwargs)
+
+
+def test_health_reports_a_stuck_worker():
+    backend = StuckBackend()
+    with ServerThread(create_app(backend, ServerConfig(stall_timeout_s=0.5))) as srv:
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                httpx.post, f"{srv.url}/v1/chat/completions", json={"messages": _user("q")}, timeout=30
+            )
+            _wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 503)
+            health = httpx.get(f"{srv.url}/health").json()
+            assert health["status"] == "unhealthy" and "no progress" in health["problems"][0]
+            backend.release.set()
+            assert pending.result().status_code == 200
+        assert httpx.get(f"{srv.url}/health").json() == {
+            "status": "ok",
+            "problems": [],
+            "queued": 0,
+            "batches": 1,
+        }
+
+
+def test_health_reports_a_dead_worker():
+    app = create_app(FlakyBackend(), ServerConfig())
+    with ServerThread(app) as srv:
+        app.state.worker.stop()
+        health = httpx.get(f"{srv.url}/health")
+        assert health.status_code == 503 and "not running" in health.json()["problems"][0]
+
+
+def test_health_reports_a_stuck_image_load(monkeypatch):
+    gate = threading.Event()
+
+    def hanging_fetch(url, policy):  # e.g. a decoder that never returns
+        gate.wait(30)
+        raise MediaError("invalid_image", "gave up")
+
+    monkeypatch.setattr("vlmkit.infer.server.fetch_media", hanging_fetch)
+    with ServerThread(create_app(FlakyBackend(), ServerConfig(stall_timeout_s=0.5))) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            body = {"messages": _user("q", _png_url((8, 8)))}
+            pending = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions", json=body, timeout=30)
+            _wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 503)
+            assert "image load" in httpx.get(f"{srv.url}/health").json()["problems"][0]
+            gate.set()
+            assert pending.result().status_code == 400
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+def test_health_reports_a_server_running_out_of_file_descriptors():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with (
+        ServerThread(create_app(FlakyBackend(), ServerConfig(min_free_fds=32))) as srv,
+        httpx.Client() as http,
+    ):
+        assert http.get(f"{srv.url}/health").status_code == 200
+        held: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_fds() + 40, hard))
+        try:
+            while _fds() < resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 12:  # 12 left, fewer than 32
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            health = http.get(f"{srv.url}/health")
+            assert health.status_code == 503 and "file descriptors" in health.json()["problems"][0]
+        finally:
+            for fd in held:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert http.get(f"{srv.url}/health").status_code == 200
+
+
+class TalkingBackend(FlakyBackend):
+    """Produces text every 10 ms for up to 20 s, until `should_stop` says the row was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[str] = []
+
+    def generate(self, requests, config=None, streamer=None, on_text=None, should_stop=None):
+        texts = [m["content"][-1]["text"] for m in (r.messages[-1] for r in requests)]
+        if texts != ["talk"]:
+            return super().generate(requests, config, streamer, on_text, should_stop)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if should_stop(0):
+                self.cancelled.append("talk")
+                return [ChatResult("...", [1], 5, 1, "cancelled", [])]
+            on_text(0, "bla ")
+            time.sleep(0.01)
+        return [ChatResult("bla " * 2000, [1], 5, 2000, "length", [])]
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_row():
+    backend = TalkingBackend()
+    with ServerThread(create_app(backend, ServerConfig(request_timeout_s=60))) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-generation
+            httpx.post(url, json={"messages": _user("talk")}, timeout=1.0)
+        start = time.monotonic()
+        reply = httpx.post(url, json={"messages": _user("next")}, timeout=30)
+        assert reply.json()["choices"][0]["message"]["content"] == "echo next"
+        assert time.monotonic() - start < 8  # not the 20 s the abandoned generation would have taken
+        assert backend.cancelled == ["talk"]
+
+
+def test_a_slow_body_is_cut_off_after_the_body_timeout():
+    with ServerThread(create_app(FlakyBackend(), ServerConfig(body_timeout_s=1.0))) as srv:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n" + b'{"messages": ['
+            )
+            start = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(65536):  # the server answers, then closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer
+        assert time.monotonic() - start < 8
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+
+
+class SlowEcho(FlakyBackend):
+    """Echo, taking 0.3 s per batch (so concurrent requests overlap)."""
+
+    def generate(self, requests, *args, **kwargs):
+        time.sleep(0.3)
+        return super().generate(requests, *args, **kwargs)
+
+
+def _png_url(size, color=(10, 200, 30)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_concurrent_requests_decode_within_the_pixel_budget(monkeypatch):
+    trims = []
+    monkeypatch.setattr("vlmkit.infer.server.release_memory", lambda: trims.append(1))
+    image = _png_url((2000, 1500))  # 3 MP
+    app = create_app(SlowEcho(), ServerConfig(max_decoded_pixels=4_500_000, batch_window_ms=0))
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+
+        def ask(i):
+            return httpx.post(url, json={"messages": _user(f"q{i}", image)}, timeout=30)
+
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(ask, range(3)))
+        assert [r.status_code for r in replies] == [200, 200, 200]
+        budget = app.state.budget
+        assert budget.peak == 3_000_000 and budget.used == 0  # one at a time, all given back
+        too_big = httpx.post(url, json={"messages": _user("x", image) + _user("y", image)[-1:]}, timeout=30)
+        assert _assert_openai_error(too_big, 400)["code"] == "image_too_large"
+        assert "decode budget" in too_big.json()["error"]["message"]
+    assert trims == []  # 9 MP in all: below the hand-back threshold (16 MP)
+
+
+def test_streams_give_their_pixels_back_however_they_end():
+    app = create_app(FlakyBackend(), ServerConfig(request_timeout_s=30))
+    image = _png_url((300, 200))
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        done = httpx.post(url, json={"messages": _user("fine", image), "stream": True}, timeout=30)
+        assert done.text.endswith("data: [DONE]\n\n") and app.state.budget.peak == 60_000
+        _wait_for(lambda: app.state.budget.used == 0)
+        with httpx.stream(
+            "POST", url, json={"messages": _user("slow", image), "stream": True}, timeout=30
+        ) as r:
+            lines = r.iter_lines()  # (a dropped iterator would close the connection)
+            assert next(lines).startswith("data: ")
+            assert app.state.budget.used == 60_000  # held while the answer streams
+        _wait_for(lambda: app.state.budget.used == 0)  # the client went away
+
+
+def test_memory_is_handed_back_after_a_large_batch(monkeypatch):
+    trims = []
+    monkeypatch.setattr("vlmkit.infer.server.release_memory", lambda: trims.append(1))
+    app = create_app(FlakyBackend(), ServerConfig())
+    with ServerThread(app) as srv:
+        reply = httpx.post(
+            f"{srv.url}/v1/chat/completions",
+            json={"messages": _user("big", _png_url((4500, 4000)))},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+        _wait_for(lambda: trims == [1])
+        assert app.state.budget.used == 0
+
+
+def test_a_finished_request_leaves_no_image_behind():
+    seen = []
+
+    class Watching(FlakyBackend):
+        def generate(self, requests, *args, **kwargs):
+            seen.extend(weakref.ref(image) for r in requests for image in r.images)
+            return super().generate(requests, *args, **kwargs)
+
+    with ServerThread(create_app(Watching(), ServerConfig())) as srv:
+        reply = httpx.post(
+            f"{srv.url}/v1/chat/completions", json={"messages": _user("hi", _png_url((64, 64)))}
+        )
+        assert reply.status_code == 200 and len(seen) == 1
+        _wait_for(lambda: gc.collect() is not None and seen[0]() is None)  # not kept until the next batch
+
+
+def test_the_openapi_document_is_true(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert '"422"' not in json.dumps(schema) and "HTTPValidationError" not in schema["components"]["schemas"]
+    responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "408", "413", "429", "503"} <= set(responses)
+    assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+    event = responses["200"]["content"]["text/event-stream"]["schema"]  # one event (OpenAPI 3.1)
+    assert event["required"] == ["data"] and event["properties"]["data"]["type"] == "string"
+    request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert request["n"]["maximum"] == 1
+    assert {"type": "integer", "minimum": 1, "maximum": 64} in request["max_tokens"][
+        "anyOf"
+    ]  # the server's limit
+    url = f"{server.url}/v1/chat/completions"
+    for loose in (
+        {"stream": "true"},
+        {"ignore_eos": 1},
+        {"max_tokens": "5"},
+        {"stream_options": {"include_usage": "yes"}},
+    ):
+        _assert_openai_error(httpx.post(url, json={"messages": _user("hi"), **loose}, timeout=30), 400)
+    not_allowed = httpx.get(url)
+    assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "POST"
+    assert httpx.delete(f"{server.url}/v1/models").headers["allow"] == "GET"
+
+
+def test_boxes_are_mapped_onto_the_last_image_or_the_one_the_request_names(tiny_vlm):
+    answer = "<ref>it</ref><box>(100,200),(500,700)</box>"
+    first, last = _png_url((1200, 900)), _png_url((600, 300))
+    with ServerThread(create_app(ScriptedAnswer(tiny_vlm, answer), ServerConfig())) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": first}},
+                    {"type": "text", "text": "a"},
+                ],
+            },
+            {"role": "assistant", "content": "ok"},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": last}}, {"type": "text", "text": "b"}],
+            },
+        ]
+
+        def boxes(**extra):
+            reply = httpx.post(url, json={"messages": messages, **extra}, timeout=60)
+            return reply.json()["choices"][0]["message"]["boxes"]
+
+        assert boxes() == [{"ref": "it", "box": [60.0, 60.0, 300.0, 210.0], "image": 1}]  # the last image
+        assert boxes(box_image=0) == [{"ref": "it", "box": [120.0, 180.0, 600.0, 630.0], "image": 0}]
+        assert boxes(box_image=-2) == boxes(box_image=0)
+        stream = httpx.post(url, json={"messages": messages, "stream": True}, timeout=60)
+        final = [json.loads(e[6:]) for e in stream.text.split("\n\n") if e.startswith("data: {")][-1]
+        assert final["choices"][0]["delta"]["boxes"] == boxes()
+        refused = httpx.post(url, json={"messages": messages, "box_image": 2}, timeout=60)
+        assert _assert_openai_error(refused, 400)["param"] == "box_image"
+
+
+class ScriptedAnswer(Predictor):
+    """The real Predictor (template, preprocessing, box mapping) whose model always says `answer`."""
+
+    def __init__(self, model, answer: str) -> None:
+        super().__init__(model)
+        self.answer = answer
+
+    def _decode(self, batch, config, streamer) -> None:
+        tokens = self.model.tokenizer.encode(self.answer, add_special_tokens=False)
+        for token in [*tokens, self.model.llm.eos_token_ids[0]][: config.max_new_tokens]:
+            streamer(torch.full((batch["input_ids"].shape[0],), token))
+
+
+def test_usage_gives_the_gpt4v_image_token_count_for_each_detail(server):
+    from vlmkit.data.images import gpt4v_image_tokens
+
+    def part(size, detail=None):
+        image_url = {"url": _png_url(size)} | ({"detail": detail} if detail else {})
+        return {"type": "image_url", "image_url": image_url}
+
+    url = f"{server.url}/v1/chat/completions"
+    for parts, expected in [
+        ([part((64, 48))], 255),  # auto counts as high: one 512-px tile
+        ([part((64, 48), "low")], 85),
+        ([part((2048, 1024), "high"), part((64, 48), "low")], gpt4v_image_tokens(2048, 1024, "high") + 85),
+    ]:
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}]
+        reply = httpx.post(url, json={"messages": messages, "max_tokens": 2}, timeout=60).json()
+        assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "gpt4v_image_tokens": expected}
+        body = {
+            "messages": messages,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        events = httpx.post(url, json=body, timeout=60).text.split("\n\n")
+        usage = [json.loads(e[6:])["usage"] for e in events if e.startswith("data: {") and '"usage"' in e]
+        assert usage[-1]["prompt_tokens_details"]["gpt4v_image_tokens"] == expected
+    assert gpt4v_image_tokens(2048, 1024, "high") == 1105  # 1536x768 after resizing: 6 tiles
+    text_only = httpx.post(url, json={"messages": _user("hi"), "max_tokens": 2}, timeout=60).json()
+    assert text_only["usage"]["prompt_tokens_details"]["gpt4v_image_tokens"] == 0
+    bad = httpx.post(
+        url, json={"messages": [{"role": "user", "content": [part((8, 8), "medium")]}]}, timeout=60
+    )
+    assert _assert_openai_error(bad, 400)["param"].endswith("detail")
+
+
+def test_info_shows_the_gpt4v_token_count_of_the_model_input(model_dir, capsys, monkeypatch):
+    from vlmkit.cli import main
+    from vlmkit.data.images import gpt4v_image_tokens
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["info", str(model_dir)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "GPT-4V" in line)
+    assert f"{gpt4v_image_tokens(32, 32, 'high')} (detail high)" in line and "85 (detail low)" in line
+    assert "32x32" in line

@@ -9,11 +9,13 @@ import httpx
 import pytest
 import torch
 
+from vlmkit.infer.api import ServerConfig
 from vlmkit.infer.generate import Predictor
-from vlmkit.infer.server import ServerConfig, ServerThread, create_app
+from vlmkit.infer.server import create_app
 from vlmkit.infer.web import STATIC_FILES, static_text
 
 from conftest import random_image
+from serving import ServerThread
 
 ANSWER = "<ref>the red circle</ref><box>(100,200),(500,700)</box>"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,7 +77,7 @@ def test_boxes_come_back_in_original_pixels(server):
         "message"
     ]
     assert message["content"] == ANSWER
-    assert message["boxes"] == [{"ref": "the red circle", "box": [120.0, 180.0, 600.0, 630.0]}]
+    assert message["boxes"] == [{"ref": "the red circle", "box": [120.0, 180.0, 600.0, 630.0], "image": 0}]
 
 
 def _driver(profile: Path):

@@ -35,6 +35,7 @@ def _info(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from vlmkit.config import ModelConfig, RecipeConfig, load_config
+    from vlmkit.data.images import gpt4v_image_tokens
     from vlmkit.models.summary import parts_table
     from vlmkit.models.vlm import VisionLanguageModel
 
@@ -51,6 +52,12 @@ def _info(args: argparse.Namespace) -> int:
     console.print(
         f"visual tokens per image: {model.tokens_per_image()}  "
         f"(tower {model.vision.num_patches()} patches -> bridge {type(model.bridge).__name__})"
+    )
+    size = model.vision.image_size
+    console.print(
+        f"GPT-4V/4o would count an image of the model's input size {size}x{size} as "
+        f"{gpt4v_image_tokens(size, size, 'high')} (detail high) or {gpt4v_image_tokens(size, size, 'low')} "
+        "(detail low) tokens"
     )
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlmkit.infer.decoding import DEFAULT_IMAGE_FORMATS, check_formats
+
 
 def _chat(args: argparse.Namespace) -> int:
     import sys
@@ -25,18 +27,23 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace, web: bool) -> object:
+    from vlmkit.infer.api import ServerConfig
     from vlmkit.infer.media import MediaPolicy
-    from vlmkit.infer.server import ServerConfig
 
+    if args.allowed_media_domains and not args.allow_remote_media:
+        raise SystemExit("error: --allowed-media-domains needs --allow-remote-media")
+    try:
+        formats = check_formats(args.image_formats)
+    except ValueError as err:
+        raise SystemExit(f"error: --image-formats: {err}") from None
     media = MediaPolicy(
         allowed_local_paths=[Path(p) for p in args.allowed_local_media_path],
         allow_remote=args.allow_remote_media,
         allowed_domains=list(args.allowed_media_domains),
         max_image_bytes=args.max_image_bytes,
         max_pixels=args.max_image_pixels,
+        image_formats=formats,
     )
-    if args.allowed_media_domains and not args.allow_remote_media:
-        raise SystemExit("error: --allowed-media-domains needs --allow-remote-media")
     return ServerConfig(
         model_name=args.model_name or Path(args.model_dir).resolve().name,
         max_batch=args.max_batch,
@@ -48,7 +55,10 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
         max_prompt_tokens=args.max_prompt_tokens,
         max_images_per_request=args.max_images,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
         request_timeout_s=args.request_timeout,
+        stall_timeout_s=args.stall_timeout,
+        max_decoded_pixels=args.max_decoded_pixels,
         media=media,
         web=web,
     )
@@ -89,8 +99,28 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     g.add_argument("--max-images", type=int, default=8, help="images per request")
     g.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
     g.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    g.add_argument(
+        "--max-decoded-pixels",
+        type=int,
+        default=None,
+        help="decoded image pixels all requests may hold at once; more wait (default: max-images x max-image-pixels)",
+    )
+    g.add_argument(
+        "--image-formats",
+        nargs="+",
+        default=list(DEFAULT_IMAGE_FORMATS),
+        metavar="FORMAT",
+        help=f"image formats that may be decoded (PIL names; default: {' '.join(DEFAULT_IMAGE_FORMATS)})",
+    )
     g.add_argument("--max-body-bytes", type=int, default=32 * 2**20)
+    g.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive")
     g.add_argument("--request-timeout", type=float, default=300.0, help="seconds, queueing included")
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="/health fails after a batch made no progress this long",
+    )
     g = p.add_argument_group("media sources (data: URLs are always accepted)")
     g.add_argument(
         "--allowed-local-media-path",

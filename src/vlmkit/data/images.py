@@ -116,18 +116,20 @@ def load_image(
     max_pixels: int = 64_000_000,
     max_bytes: int = 32 * 2**20,
     background: tuple[int, int, int] = (255, 255, 255),
+    formats: Sequence[str] | None = None,
 ) -> Image.Image:
     """Decode `src` into a fully loaded RGB image, checking byte size and pixel count before decoding.
 
-    EXIF orientation is applied; alpha is composited on `background`. Raises `ImageError` (never a bare
-    PIL error) with `reason` in `IMAGE_ERROR_REASONS`.
+    EXIF orientation is applied; alpha is composited on `background`. `formats` (PIL names, e.g. "PNG") limits
+    which decoders may be tried (None: any PIL knows). Raises `ImageError` (never a bare PIL error) with
+    `reason` in `IMAGE_ERROR_REASONS`.
     """
     data, name = _read_source(src, max_bytes)
     # Our max_pixels check below is authoritative; PIL's own bomb warning is silenced, its hard error mapped.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None)
         except Image.DecompressionBombError as exc:
             raise ImageError("too_many_pixels", str(exc), source=name) from exc
         except UnidentifiedImageError as exc:

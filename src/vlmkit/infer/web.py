@@ -7,7 +7,7 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
-from vlmkit.infer.server import ApiError
+from vlmkit.infer.api import ApiError
 
 # The page's files (package data under vlmkit/infer/static/) and the content types they are served with.
 STATIC_FILES = {

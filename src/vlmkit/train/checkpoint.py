@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 
 log = get_logger(__name__)
@@ -73,6 +74,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(weights if weights is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+    kill_point("checkpoint_write")
     torch.save(
         {
             "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
@@ -86,6 +88,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kill_point("checkpoint_commit")
     pointer_tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, ckpt_root / LATEST)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from vlmkit.config import RecipeConfig, StageConfig, load_yaml, save_yaml, to_dict
+from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.memory import release_free_memory
 from vlmkit.models.vlm import VisionLanguageModel
@@ -238,6 +239,7 @@ class Trainer:
         from vlmkit.train.data import StageData
 
         cfg = self.recipe.train
+        kill_point("stage_start")
         apply_stage(model, stage)
         if self.strategy.is_main:
             Console(stderr=True).print(
@@ -288,6 +290,7 @@ class Trainer:
                     with self.strategy.no_sync(wrapped, sync), autocast:
                         out = wrapped(**batch, return_logits=False)
                     (out.loss / stage.grad_accum).backward()
+                    kill_point("train_step")
                     loss_sum += float(out.loss.detach())
                     tokens += int(
                         batch["input_ids"].numel()
@@ -352,7 +355,9 @@ class Trainer:
                     and progress.stage_step < total
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
+                kill_point("step_done")
         self._validate(wrapped, data, stage, progress, autocast)
+        kill_point("stage_validated")
         del wrapped, optimizer
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         merge_lora(model)
@@ -360,6 +365,7 @@ class Trainer:
             p.requires_grad_(False)
         if self.strategy.is_main:
             model.save_pretrained(stage_dir(self.out, index, stage) / "model")
+            kill_point("stage_saved")
             self._checkpoint_cleanup()
         self.strategy.barrier()
         return model

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmkit.faults import kill_point
+from vlmkit.io import fsync_dir
 from vlmkit.log import get_logger
 
 log = get_logger(__name__)
@@ -52,17 +53,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint must hold: every parameter that trains in this stage."""
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -144,7 +134,7 @@ def save_checkpoint(
             },
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_no_space(err):
@@ -167,7 +157,7 @@ def save_checkpoint(
     pointer_tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
     pointer_tmp.write_text(final.name)
     os.replace(pointer_tmp, ckpt_root / LATEST)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     shutil.rmtree(old, ignore_errors=True)
     _prune(ckpt_root, keep_last)
     return final

@@ -7,6 +7,7 @@ import argparse
 
 def _train(args: argparse.Namespace) -> int:
     from vlmkit.config import ConfigError, RecipeConfig, load_config
+    from vlmkit.train.checkpoint import NoSpaceError
     from vlmkit.train.trainer import RunDirError, train
 
     try:
@@ -15,7 +16,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     try:
         final = train(recipe, args.out, resume=args.resume)
-    except RunDirError as err:
+    except (RunDirError, NoSpaceError) as err:
         raise SystemExit(f"error: {err}") from None
     from vlmkit.train.strategies import rank
 

@@ -18,6 +18,7 @@ from vlmkit.config import LLMConfig, ModelConfig, drop_unknown_keys, from_dict, 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator
 from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeometry
+from vlmkit.faults import kill_point
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.models.bridges import Bridge, build_bridge
@@ -261,6 +262,7 @@ class VisionLanguageModel(nn.Module):
         meta = {"vlmkit_version": __version__, "model": to_dict(self.portable_config())}
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         save_model(self, str(tmp / WEIGHTS_NAME))
+        kill_point("model_save")
         self.processor.save_pretrained(tmp)  # processor_config.json + the tokenizer files
         replace_dir(tmp, out)
         return out

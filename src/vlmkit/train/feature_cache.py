@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import to_dict
+from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.models.vision import VisionTower
 
@@ -248,6 +249,7 @@ class FeatureCache:
                         raise RuntimeError(f"image {ref} gave {p.shape[0]} tiles, {tiles} at validation")
                 feats = tower(torch.cat(pixels).to(device))  # [sum tiles, N, Dv]
                 feats = feats.to("cpu", self.dtype)
+                kill_point("feature_cache_batch")
                 for (key, *_), part in zip(chunk, feats.split([p.shape[0] for p in pixels])):
                     pending[key] = part.contiguous()  # [tiles, N, Dv]
                     pending_bytes += part.numel() * part.element_size()
@@ -286,6 +288,7 @@ class FeatureCache:
                     number += 1
         finally:
             tmp.unlink(missing_ok=True)
+        kill_point("feature_cache_shard")
         for key in tensors:
             self._index.setdefault(key, final)
         log.debug("feature cache: wrote %s (%d images)", final, len(tensors))

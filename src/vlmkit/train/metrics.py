@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlmkit.io import atomic_write_text
 from vlmkit.log import get_logger
 
 log = get_logger(__name__)
@@ -28,16 +29,12 @@ class MetricsLog:
                 )
 
     def truncate_after(self, step: int) -> None:
+        """Keep the lines up to `step` (a resume point); lines cut by a kill are dropped. Atomic: a kill during
+        the rewrite leaves the old file."""
         if not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        self.path.write_text("".join(k + "\n" for k in keep))
+        keep = [line + "\n" for line, row in _lines(self.path) if row.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(keep))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -52,10 +49,22 @@ class MetricsLog:
             self.writer.close()
 
 
+def _lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each valid line; a line cut by a kill (not a JSON object) is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append((line, row))
+    return out
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl (a line cut by a kill is skipped)."""
+    return [row for _, row in _lines(path)] if path.is_file() else []
 
 
 def plot_run(metrics_path: Path, out_png: Path) -> Path | None:

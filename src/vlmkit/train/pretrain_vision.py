@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from vlmkit.config import VisionConfig, from_dict, save_yaml, to_dict
+from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
 
@@ -702,6 +703,7 @@ def train_contrastive(
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
+            kill_point("pretrain_step")
             w = 0.9 if step > 10 else 0.0
             ema_loss = w * ema_loss + (1 - w) * loss.item()
             ema_acc = w * ema_acc + (1 - w) * acc.item()
@@ -750,6 +752,7 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(model.tower.state_dict(), out / VIT_WEIGHTS)
+    kill_point("pretrain_save")
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
     _save_safetensors(rest, out / TEXT_WEIGHTS)
     vision = replace(model.tower.cfg, path=str(out.resolve()))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,22 +17,27 @@ import numpy as np
 import torch
 
 from vlmkit.config import RecipeConfig, StageConfig, load_yaml, save_yaml, to_dict
+from vlmkit.faults import kill_point
+from vlmkit.io import atomic_write_json, replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.memory import release_free_memory
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.precision import autocast_context
 from vlmkit.train.checkpoint import (
-    latest_checkpoint,
+    complete_checkpoints,
+    find_resume_checkpoint,
     load_checkpoint,
     read_state,
     save_checkpoint,
     set_rng_state,
 )
-from vlmkit.train.metrics import MetricsLog, plot_run
+from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
 from vlmkit.train.schedule import build_scheduler
 from vlmkit.train.stages import apply_stage, merge_lora, param_groups
 
 log = get_logger(__name__)
+
+STAGE_DONE = "done.json"  # stages/I-NAME/done.json: the global step at the stage's end (with its model/)
 
 
 class RunDirError(RuntimeError):
@@ -105,8 +112,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         """Train every stage; returns the directory of the final model (`RUN_DIR/model`)."""
+        final = self.out / "model"
         try:
             progress = self._start()
+            if progress.stage_index == len(self.recipe.stages):
+                self._finish_complete_run(final)
+                return final
             if progress.stage_index == 0:
                 self._pretrain_vision()
             given, self._given_model = self._given_model, None
@@ -122,7 +133,6 @@ class Trainer:
                     if stage.init_from:
                         model = self._model_for_stage(index)
                 model = self._run_stage(model, stage, index, progress)
-            final = self.out / "model"
             if self.strategy.is_main:
                 model.save_pretrained(final)
                 if self.recipe.train.plot:
@@ -136,12 +146,13 @@ class Trainer:
         return final
 
     def _start(self) -> Progress:
+        """Where to begin: nothing (a new run), or with `--resume` the newest checkpoint that verifies, else the
+        start of the first stage without a saved model. metrics.jsonl is cut back to that point."""
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = latest_checkpoint(self.ckpt_root)
-        done_stages = [
-            i for i, s in enumerate(self.recipe.stages) if (stage_dir(self.out, i, s) / "model").is_dir()
-        ]
-        if not self.resume and (ckpt is not None or done_stages):
+        ends = self._finished_stages()
+        if not self.resume and (
+            ends or complete_checkpoints(self.ckpt_root) or (self.out / "model").exists()
+        ):
             raise RunDirError(
                 f"{self.out} already holds a training run; pass --resume to continue it "
                 "or choose another --out"
@@ -153,16 +164,18 @@ class Trainer:
         self._resume_from = None
         if not self.resume:
             return Progress()
+        if self.strategy.is_main:
+            _remove_leftovers(self.out)
+        index, step = len(ends), (ends[-1] if ends else 0)
+        if index == len(self.recipe.stages):
+            return Progress(stage_index=index, global_step=step)
+        ckpt = self._checkpoint_to_resume(index)
         if ckpt is None:
-            if not done_stages:
-                log.info("--resume: no checkpoint in %s yet, starting from the beginning", self.out)
-                return Progress()
-            nxt = done_stages[-1] + 1
-            log.info("--resume: stages up to %d complete; continuing with stage %d", done_stages[-1], nxt)
-            step = self._last_logged_step()
+            where = f"after stage {index - 1}, at step {step}" if index else "from the beginning"
+            log.info("--resume: no usable checkpoint of stage %d; starting it %s", index, where)
             if self.metrics:
                 self.metrics.truncate_after(step)
-            return Progress(stage_index=nxt, global_step=step)
+            return Progress(stage_index=index, global_step=step)
         state = read_state(ckpt)
         self._resume_from = ckpt
         log.info(
@@ -174,11 +187,66 @@ class Trainer:
             state["stage_index"], state["stage_step"], state["step"], state["epoch"], state["batch_pos"]
         )
 
-    def _last_logged_step(self) -> int:
-        from vlmkit.train.metrics import read_metrics
+    def _checkpoint_to_resume(self, index: int) -> Path | None:
+        """The newest checkpoint that verifies, if it is one of stage `index` (the first unfinished stage); each
+        damaged newer one is named in a warning. Checkpoints of a finished stage (a kill before their cleanup)
+        are removed."""
+        ckpt, problems = find_resume_checkpoint(self.ckpt_root)
+        if self.strategy.is_main:
+            for problem in problems:
+                log.warning("--resume: skipping %s", problem)
+        if ckpt is None:
+            return None
+        of = read_state(ckpt)["stage_index"]
+        if of > index:
+            stage = self.recipe.stages[index]
+            raise RunDirError(
+                f"--resume: checkpoint {ckpt} is of stage {of}, but stage {index} '{stage.name}' has no "
+                f"saved model in {stage_dir(self.out, index, stage)}"
+            )
+        if of < index:
+            log.info("--resume: %s is a checkpoint of the finished stage %d: ignoring it", ckpt, of)
+            self.strategy.barrier()  # every process has read the checkpoints before they go
+            if self.strategy.is_main:
+                self._checkpoint_cleanup()
+            return None
+        if problems and self.strategy.is_main:
+            log.warning("--resume: falling back to %s, the newest checkpoint that verifies", ckpt)
+        return ckpt
 
-        rows = read_metrics(self.out / "metrics.jsonl")
-        return max((r.get("step", 0) for r in rows), default=0)
+    def _finished_stages(self) -> list[int]:
+        """The global step at the end of each finished stage, from stage 0 up to the first unfinished one. A stage
+        is finished when its model is saved (an atomic rename; `done.json` is written just before it)."""
+        ends: list[int] = []
+        for index, stage in enumerate(self.recipe.stages):
+            where = stage_dir(self.out, index, stage)
+            if not (where / "model" / "config.json").is_file():
+                break
+            try:
+                ends.append(int(json.loads((where / STAGE_DONE).read_text())["global_step"]))
+            except (OSError, ValueError, KeyError, TypeError):  # a run of an older vlmkit: from the metrics
+                rows = read_metrics(self.out / "metrics.jsonl")
+                steps = [r["step"] for r in rows if "loss" in r and r.get("stage") == stage.name]
+                ends.append(max(steps, default=ends[-1] if ends else 0))
+        return ends
+
+    def _finish_complete_run(self, final: Path) -> None:
+        """`--resume` when every stage is done: write the final model if a kill cut its save, else nothing."""
+        if self.strategy.is_main:
+            if (final / "config.json").is_file():
+                log.info(
+                    "--resume: the run in %s is complete (final model: %s); nothing to do", self.out, final
+                )
+            else:
+                index = len(self.recipe.stages) - 1
+                last = stage_dir(self.out, index, self.recipe.stages[index]) / "model"
+                log.info("--resume: every stage is done; writing the final model %s from %s", final, last)
+                tmp = temp_dir_for(final)
+                shutil.copytree(last, tmp, dirs_exist_ok=True)
+                replace_dir(tmp, final)
+            if self.recipe.train.plot and not (self.out / "training.png").is_file():
+                plot_run(self.out / "metrics.jsonl", self.out / "training.png")
+        self.strategy.barrier()
 
     # ----------------------------------------------------------------------------------------- model
     def _pretrain_vision(self) -> None:
@@ -194,9 +262,10 @@ class Trainer:
             if cfg.data is None:
                 data = prepare_data(self.recipe.data, self.out)
                 cfg = dataclasses.replace(cfg, data=data.train, image_root=cfg.image_root or data.image_root)
-            done = (out / "vision.safetensors").is_file()
+            # pretrain_config.yaml is written last: without it a kill cut the pretraining, which is redone
             saved = out / "pretrain_config.yaml"
-            if done and saved.is_file() and load_yaml(saved) != to_dict(cfg):
+            done = (out / "vision.safetensors").is_file() and saved.is_file()
+            if done and load_yaml(saved) != to_dict(cfg):
                 # a resumed run keeps the tower its checkpoints were trained with
                 action = "--resume keeps it" if self.resume else "pretraining again"
                 log.warning("%s was pretrained with other settings than the recipe's: %s", out, action)
@@ -238,6 +307,9 @@ class Trainer:
         from vlmkit.train.data import StageData
 
         cfg = self.recipe.train
+        kill_point("stage_start")
+        # seeded before LoRA, fresh or resumed: the adapters' initialisation draws from the stage's seed
+        seed_everything(cfg.seed + 1000 * index)
         apply_stage(model, stage)
         if self.strategy.is_main:
             Console(stderr=True).print(
@@ -259,8 +331,6 @@ class Trainer:
             scheduler.load_state_dict(rest["scheduler"])
             set_rng_state(rest["rng"])
             self._resume_from = None
-        else:
-            seed_everything(cfg.seed + 1000 * index)
         log.info(
             "stage '%s': %d optimizer steps of %d x %d samples (%d train samples)",
             stage.name,
@@ -288,6 +358,7 @@ class Trainer:
                     with self.strategy.no_sync(wrapped, sync), autocast:
                         out = wrapped(**batch, return_logits=False)
                     (out.loss / stage.grad_accum).backward()
+                    kill_point("train_step")
                     loss_sum += float(out.loss.detach())
                     tokens += int(
                         batch["input_ids"].numel()
@@ -352,14 +423,19 @@ class Trainer:
                     and progress.stage_step < total
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
+                kill_point("step_done")
         self._validate(wrapped, data, stage, progress, autocast)
+        kill_point("stage_validated")
         del wrapped, optimizer
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(False)
         if self.strategy.is_main:
-            model.save_pretrained(stage_dir(self.out, index, stage) / "model")
+            where = stage_dir(self.out, index, stage)
+            atomic_write_json(where / STAGE_DONE, {"stage": stage.name, "global_step": progress.global_step})
+            model.save_pretrained(where / "model")  # the commit: the stage counts as done from here on
+            kill_point("stage_saved")
             self._checkpoint_cleanup()
         self.strategy.barrier()
         return model
@@ -428,8 +504,6 @@ class Trainer:
 
     def _checkpoint_cleanup(self) -> None:
         """After a stage's model is saved, its mid-stage checkpoints are no longer needed for resume."""
-        import shutil
-
         if self.ckpt_root.is_dir():
             shutil.rmtree(self.ckpt_root)
 
@@ -478,6 +552,17 @@ def _pretrain_config(recipe: RecipeConfig) -> Any:
     cfg = from_dict(PretrainVisionConfig, dict(recipe.pretrain_vision), "pretrain_vision")
     vision = dataclasses.replace(recipe.model.vision, path=None)
     return dataclasses.replace(cfg, vision=vision)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """What kills left behind in the run directory and its stage directories: half-written models and files
+    (`.model.tmp-PID`, `.done.json.tmp-PID`) and models swapped out by a save (`.model.old-PID`)."""
+    for parent in [run_dir, *(run_dir / "stages").glob("*")]:
+        for stale in [*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")]:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:

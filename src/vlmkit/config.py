@@ -228,6 +228,9 @@ class DataConfig:
     length_group_mult: int | None = None
     merge_turns: bool = False  # training split: one multi-turn conversation per image (LLaVA-1.5's VQA mix)
     max_bad: float = 0.05
+    # sharded training data (WebDataset .tar / Parquet): records shuffled (and length-grouped) together, held in
+    # memory by each data-loader worker
+    shuffle_buffer: int = 1000
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -297,7 +300,8 @@ class TrainConfig:
     tensorboard: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
     feature_cache: bool = True  # precompute a frozen tower's features once
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader processes building batches off the training thread (0: in it)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
     plot: bool = True
 
 

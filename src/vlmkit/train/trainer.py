@@ -424,6 +424,7 @@ class Trainer:
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
                 kill_point("step_done")
+        data.close()  # the data-loader workers
         self._validate(wrapped, data, stage, progress, autocast)
         kill_point("stage_validated")
         del wrapped, optimizer

@@ -12,6 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     _register_synth(sub)
     _register_check(sub)
+    _register_shard(sub)
 
 
 # ---------------------------------------------------------------------------------------- data synth
@@ -174,3 +175,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
             f"(max-bad {args.max_bad:.1%}): {'FAIL' if too_bad else 'ok'}"
         )
     return 1 if too_bad else 0
+
+
+# ---------------------------------------------------------------------------------------- data shard
+def _register_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="write a data file's records into WebDataset tar or Parquet shards, images embedded",
+        description="Write FILE's records into shards of --shard-size records with each image's bytes "
+        "embedded, plus OUT/shards.json (paths and record counts). Name OUT (or a glob of its shards) in "
+        "data.train to stream them while training. Records whose images cannot be read are left out and "
+        "reported; images are copied as they are (bad ones are skipped and counted when training reads them).",
+    )
+    p.add_argument("file", help="LLaVA JSON/JSONL, caption JSONL, `messages` JSONL or Qwen-VL JSON")
+    p.add_argument("--out", required=True, help="output directory (must not hold shards yet)")
+    p.add_argument(
+        "--image-root", default=None, help="directory image paths are relative to (default: FILE's)"
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
+    p.add_argument(
+        "--format", default="wds", choices=("wds", "parquet"), help="WebDataset .tar (default) or .parquet"
+    )
+    p.set_defaults(func=_cmd_shard)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlmkit.data.sources.writer import write_shards
+
+    if not Path(args.file).is_file():
+        raise SystemExit(f"error: no such data file: {args.file}")
+    try:
+        shards, report = write_shards(
+            args.file, args.out, image_root=args.image_root, shard_size=args.shard_size, kind=args.format
+        )
+    except (FileExistsError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for shard in shards:
+        print(f"{shard.path}: {shard.count} records")
+    print(f"{report.summary()}; index: {Path(args.out) / 'shards.json'}")
+    return 0

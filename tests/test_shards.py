@@ -222,6 +222,21 @@ def test_a_stream_sees_every_usable_record_once_per_epoch_whatever_the_workers(t
     assert [_ids(b) for b in resumed] == [_ids(b) for b in runs[0][1][5:11]]
 
 
+def test_length_groups_over_a_stream_sort_each_mega_batch_by_estimated_length(tiny_vlm, corpus):
+    data = _stage(
+        tiny_vlm.processor, str(corpus / "wds" / "*.tar"), group_by_length=True, length_group_mult=2
+    )
+    stream = data.train.batches(data, BatchAssembler(data.collate), (0, 0))
+    records = list(data.train.plan(0, 0, 1).raw(0))[:16]
+    order = stream.block_order(records, torch.Generator().manual_seed(0))
+    lengths = [data.train.encode.length(records[i]) for i in order]
+    assert sorted(order) == list(range(16)) and len(set(lengths)) > 1
+    for start in (0, 8):  # mega-batches of 2 batches of 4, longest first (their heads may swap: HF's recipe)
+        mega = lengths[start + 1 : start + 8]
+        assert mega == sorted(mega, reverse=True)
+    assert lengths[0] == max(lengths)
+
+
 def test_bad_records_in_shards_are_skipped_and_counted_with_their_reason(tiny_vlm, corpus):
     data = _stage(tiny_vlm.processor, str(corpus / "wds" / "*.tar"), batch_size=1)
     epoch = _epochs(data, 1)[0]

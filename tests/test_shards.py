@@ -100,7 +100,7 @@ def _ids(batch: dict) -> list[str]:
 
 def _source(processor, spec: str, block: int = 8) -> ShardSource:
     cfg = DataConfig(max_length=128, shuffle_buffer=block)
-    return ShardSource.build(cfg, spec, processor, StageConfig(), seed=0)
+    return ShardSource.build(cfg, spec, processor, StageConfig())
 
 
 def _stage(processor, spec: str, batch_size: int = 4, **kw) -> StageData:
@@ -323,10 +323,10 @@ def test_sharded_training_data_refuses_what_a_stream_cannot_do(tiny_vlm, corpus,
     cfg = DataConfig(max_length=128)
     spec = str(corpus / "wds")
     with pytest.raises(ValueError, match="tasks"):
-        ShardSource.build(cfg, spec, tiny_vlm.processor, StageConfig(name="align", tasks=["caption"]), 0)
+        ShardSource.build(cfg, spec, tiny_vlm.processor, StageConfig(name="align", tasks=["caption"]))
     cfg.merge_turns = True
     with pytest.raises(ValueError, match="merge_turns"):
-        ShardSource.build(cfg, spec, tiny_vlm.processor, StageConfig(), 0)
+        ShardSource.build(cfg, spec, tiny_vlm.processor, StageConfig())
     assert (
         is_sharded(spec) and is_sharded(spec + "/*.tar") and not is_sharded(str(corpus / "data" / "val.json"))
     )
@@ -360,7 +360,7 @@ spec, tiny, out = sys.argv[1:4]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 processor = VisionLanguageModel.from_config(load_config(RecipeConfig, tiny).model).processor
-source = ShardSource.build(DataConfig(max_length=128, shuffle_buffer=8), spec, processor, StageConfig(), 0)
+source = ShardSource.build(DataConfig(max_length=128, shuffle_buffer=8), spec, processor, StageConfig())
 data = StageData(source, None, Collator(processor.tokenizer.pad_token_id), 4, 0, False, rank=rank,
                  world=world, num_workers=2)
 seen, epoch, pos = [[], []], 0, 0

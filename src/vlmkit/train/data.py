@@ -105,7 +105,7 @@ class StageData:
         tasks = stage.tasks or None
         processor = model.processor
         if is_sharded(train_file):
-            train: Any = ShardSource.build(data_cfg, train_file, processor, stage, recipe.train.seed)
+            train: Any = ShardSource.build(data_cfg, train_file, processor, stage)
         else:
             train = VLMDataset.from_config(
                 data_cfg, train_file, processor, tasks=tasks, merge_turns=data_cfg.merge_turns
@@ -253,7 +253,7 @@ class ShardSource:
     min_check: int = 1000
 
     @classmethod
-    def build(cls, cfg: DataConfig, spec: str, processor: Any, stage: StageConfig, seed: int) -> ShardSource:
+    def build(cls, cfg: DataConfig, spec: str, processor: Any, stage: StageConfig) -> ShardSource:
         if stage.tasks:
             raise ValueError(
                 f"stage '{stage.name}': tasks {stage.tasks} filter records, which sharded data ({spec}) does "

@@ -156,7 +156,7 @@ def test_the_shard_command_writes_shards_that_read_back_as_the_records(corpus, c
                 record = source[raw.record["id"]]
                 assert raw.record["conversations"] == record["conversations"]
                 image = corpus / "data" / record["image"]
-                assert raw.image_source(record["image"], None, [record["image"]]) == image.read_bytes()
+                assert raw.embedded(record["image"], [record["image"]]) == image.read_bytes()
                 seen.append(raw.record["id"])
         assert seen == [i for i in source if i not in ("missing-image", "remote-image")]  # in order, once
     with pytest.raises(SystemExit, match="already holds shards"):

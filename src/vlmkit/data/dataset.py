@@ -376,7 +376,7 @@ class RecordEncoder:
         images = self.processor.images
         try:
             opened = {
-                ref: images.open(raw.image_source(ref, self.image_root, sample.images))
+                ref: images.open(shard_image_source(raw, ref, self.image_root, sample.images))
                 for ref in dict.fromkeys(sample.images)
             }
             tiles = [images.num_tiles(opened[ref].size) for ref in sample.images]
@@ -420,10 +420,16 @@ def read_shard_samples(
 
 def _embedded(raw: RawRecord, ref: str, refs: list[str]) -> str:
     """An embedded image as a `data:` URL; a ref that names a file stays as it is."""
-    source = raw.image_source(ref, None, refs)
-    if isinstance(source, bytes):
-        return "data:application/octet-stream;base64," + base64.b64encode(source).decode()
-    return ref
+    data = raw.embedded(ref, refs)
+    return ref if data is None else "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def shard_image_source(
+    raw: RawRecord, ref: str, image_root: str | Path | None, refs: list[str] | None = None
+) -> str | Path | bytes:
+    """A shard record's image: its embedded bytes, else the ref resolved as a file (`image_source`)."""
+    data = raw.embedded(ref, refs)
+    return data if data is not None else image_source(ref, image_root)
 
 
 # ------------------------------------------------------------------------------------------------ checking

@@ -42,26 +42,20 @@ class Shard:
 @dataclass
 class RawRecord:
     """One record as stored in a shard, before parsing: the record (or why it is not one), its embedded images
-    and where it came from. `image_source(ref)` turns a record's image ref into bytes or a path."""
+    and where it came from. `embedded(ref)` gives the bytes of the image a record's ref names."""
 
     key: str  # unique within the shard set: "<shard name>/<key or row>"
     record: dict[str, Any] | SampleError
     images: dict[str, bytes] = field(default_factory=dict)  # member ext (tar) or path/ref (parquet) -> bytes
     kind: str = "wds"
 
-    def image_source(
-        self, ref: str, image_root: str | Path | None, refs: list[str] | None = None
-    ) -> str | Path | bytes:
-        """The bytes of the embedded image `ref` names, else the ref resolved as a file (`image_source`).
+    def embedded(self, ref: str, refs: list[str] | None = None) -> bytes | None:
+        """The bytes of the embedded image `ref` names (None: not embedded, a file to resolve as usual).
         `refs`: the record's image refs in order (the parsed sample's), to match numbered tar members."""
-        from vlmkit.data.dataset import image_source
-
         data = self.images.get(ref)
         if data is None and self.kind == "wds":
             data = self._tar_member(ref, list(dict.fromkeys(refs if refs is not None else [ref])))
-        if data is not None:
-            return data
-        return image_source(ref, image_root)
+        return data
 
     def _tar_member(self, ref: str, refs: list[str]) -> bytes | None:
         """A tar sample's image member for `ref` (not named by it): the i-th distinct image ref of the record

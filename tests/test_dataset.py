@@ -278,7 +278,7 @@ def test_cli_check_with_model_dir(corpus, tiny_vlm, tmp_path, capsys):
 
 
 def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_vlm):
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     paths = generate_shapesworld(tmp_path, 5, seed=3, image_size=32)
     records = json.loads(paths["train"].read_text())

@@ -14,7 +14,7 @@ from vlmkit.cli import main
 from vlmkit.eval import metrics as M
 from vlmkit.eval.benchmarks import BENCHMARKS, build_benchmark
 from vlmkit.eval.runner import load_predictions, score_predictions
-from vlmkit.eval.shapesworld import score_shapesworld
+from vlmkit.shapesworld.scoring import score_shapesworld
 
 from conftest import random_image
 
@@ -342,7 +342,7 @@ def test_captioning_coco_json_with_coco_results_predictions(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ ShapesWorld
 @pytest.fixture(scope="module")
 def shapes_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     out = tmp_path_factory.mktemp("shapes")
     return generate_shapesworld(out, 0, seed=3, splits={"test": 6})["test"]

@@ -15,8 +15,8 @@ from vlmkit.config import DataConfig, StageConfig
 from vlmkit.data.collate import Collator, PackingCollator
 from vlmkit.data.dataset import VLMDataset
 from vlmkit.data.loader import BatchAssembler, BatchLoader, BatchOrder, DatasetBatches, PositionStream
-from vlmkit.data.synthetic import generate_shapesworld
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.world import generate_shapesworld
 from vlmkit.train.data import StageData
 from vlmkit.train.feature_cache import maybe_feature_cache
 from vlmkit.train.metrics import read_metrics

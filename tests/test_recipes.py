@@ -17,7 +17,6 @@ from vlmkit.config import (
     LLMConfig,
     RecipeConfig,
     StageConfig,
-    SynthConfig,
     TrainConfig,
     VisionConfig,
     load_config,
@@ -25,6 +24,7 @@ from vlmkit.config import (
 )
 from vlmkit.models.adapters import AdapterDecoderLayer
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.data import ShapesWorldConfig
 from vlmkit.train.metrics import read_metrics
 from vlmkit.train.stages import apply_stage, preset_trainable
 from vlmkit.train.trainer import seed_everything, stage_dir
@@ -118,7 +118,7 @@ def tiny_recipe(recipe: RecipeConfig) -> RecipeConfig:
     data = tiny.data
     data.train = data.val = data.test = data.image_root = None
     data.format = "auto"  # ShapesWorld is LLaVA JSON
-    data.synthetic = SynthConfig(
+    data.synthetic = ShapesWorldConfig(
         n_train=6,
         n_val=2,
         n_test=2,

@@ -30,8 +30,8 @@ from vlmkit.data.loader import POSITION_KEY, BatchAssembler
 from vlmkit.data.sources import stream as stream_module
 from vlmkit.data.sources.shards import Shard, find_shards, is_sharded, read_shard
 from vlmkit.data.sources.stream import ShardPlan
-from vlmkit.data.synthetic import generate_shapesworld
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.world import generate_shapesworld
 from vlmkit.train.checkpoint import latest_checkpoint
 from vlmkit.train.data import ShardSource, StageData
 from vlmkit.train.metrics import read_metrics

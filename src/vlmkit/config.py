@@ -185,21 +185,14 @@ class ModelConfig:
 
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
-class SynthConfig:
-    """ShapesWorld generation (used when a recipe has no data files of its own)."""
+class GeneratedDataConfig(KindConfig):
+    """Data a registered generator writes into the run directory (train/val/test JSON) when a recipe names no
+    data files of its own. `kind` picks the generator (the built-in `shapesworld` plugin by default); each kind
+    has its own settings."""
 
-    n_train: int = 200
-    n_val: int = 50
-    n_test: int = 50
-    seed: int = 0
-    image_size: int = 64
-    max_objects: int = 3
-    noise: bool = False
-    tasks: list[str] = field(default_factory=list)  # empty: all task types
-    grounding_format: str = "qwen"
-    # tasks (counting, pope, spatial) whose training answers first list the objects, then answer:
-    # "I see a red circle and a blue square, so 2." -- metrics read the answer the same way
-    describe_first: list[str] = field(default_factory=list)
+    _registry: ClassVar[str] = "vlmkit.data.generators:DATA_GENERATORS"
+
+    kind: str = "shapesworld"
 
 
 @dataclass
@@ -216,7 +209,7 @@ class DataConfig:
     test: str | None = None
     format: str = "auto"
     image_root: str | None = None
-    synthetic: SynthConfig | None = None
+    synthetic: GeneratedDataConfig | None = None  # generated data (e.g. ShapesWorld) when `train` is unset
     max_length: int = 512
     caption_instructions: list[str] = field(
         default_factory=lambda: ["Describe the image concisely.", "Write a short caption for the image."]
@@ -276,7 +269,9 @@ class StageConfig:
     # token: mean over the batch's label tokens; sample: each sample's mean, then the mean over samples (a
     # 1-token answer then weighs as much as a 30-token one)
     loss_average: str = "token"
-    tasks: list[str] = field(default_factory=list)  # ShapesWorld task types for this stage (empty: all)
+    tasks: list[str] = field(
+        default_factory=list
+    )  # keep only records whose `task` field is listed (empty: all)
     train_file: str | None = None  # overrides data.train for this stage
     val_file: str | None = None
     init_from: str | None = None  # a previous run directory or model directory to start from
@@ -297,6 +292,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between validation passes; 0: at stage ends
     val_batches: int = 0  # 0: the whole validation split
     eval_generation: int = 0  # at each validation, generate on this many val records and log task metrics
+    eval_hook: str = "shapesworld"  # the registered generation hook that scores them (train/hooks.py)
     tensorboard: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
     feature_cache: bool = True  # precompute a frozen tower's features once
@@ -319,8 +315,9 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         # generated ShapesWorld data is written in one box format: the processor parses that one
-        if self.data.synthetic is not None and self.model.processor.grounding_format is None:
-            self.model.processor.grounding_format = self.data.synthetic.grounding_format
+        generated = getattr(self.data.synthetic, "grounding_format", None)
+        if generated is not None and self.model.processor.grounding_format is None:
+            self.model.processor.grounding_format = generated
 
     @staticmethod
     def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:

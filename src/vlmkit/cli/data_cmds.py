@@ -28,7 +28,7 @@ def _parse_splits(text: str) -> dict[str, int]:
 
 
 def _parse_tasks(text: str) -> list[str]:
-    from vlmkit.data.synthetic import ALL_TASKS
+    from vlmkit.shapesworld.world import ALL_TASKS
 
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ALL_TASKS]
@@ -73,7 +73,7 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlmkit.data.synthetic import ALL_TASKS, generate_shapesworld
+    from vlmkit.shapesworld.world import ALL_TASKS, generate_shapesworld
 
     paths = generate_shapesworld(
         args.out,

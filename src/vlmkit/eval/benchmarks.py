@@ -20,10 +20,8 @@ from PIL import Image
 from vlmkit.data.formats import IMAGE_MARKER
 from vlmkit.data.grounding import Box, parse_boxes
 from vlmkit.data.images import load_image
-from vlmkit.data.synthetic import POPE_SPLITS
 from vlmkit.eval import metrics as M
 from vlmkit.eval.judge import Judge
-from vlmkit.eval.shapesworld import score_shapesworld
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
@@ -32,6 +30,7 @@ from vlmkit.registry import Registry
 log = get_logger(__name__)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")  # POPE's negative-sampling settings
 Prediction = dict[str, Any]  # {"question_id", "answer", ...}; keyed by str(question_id) when collected
 
 
@@ -712,33 +711,3 @@ class JudgedQA(Benchmark):
         for cat in sorted(by_cat):
             out[f"score_{re.sub(r'[^0-9a-zA-Z]+', '_', cat).strip('_')}"] = M.mean(by_cat[cat])
         return out
-
-
-# ------------------------------------------------------------------------------------------------ ShapesWorld
-@register("shapesworld")
-class ShapesWorld(Benchmark):
-    """A ShapesWorld split (`vlmkit data synth`): every task type at once, scored by `score_shapesworld`."""
-
-    max_new_tokens = 64
-    prompt_format = "<image>\n{question} (the record's user turn, as in training)"
-
-    def load(self) -> list[EvalItem]:
-        records = json.loads(self.data.read_text(encoding="utf-8"))
-        items = []
-        for r in records:
-            user = next(t["value"] for t in r["conversations"] if t["from"] in ("human", "user"))
-            items.append(EvalItem(r["id"], user, [r["image"]], r["answer"], {"record": r}))
-        return items
-
-    def prediction(self, item: EvalItem, result: ChatResult) -> Prediction:
-        out: Prediction = {
-            "question_id": item.question_id,
-            "answer": result.text,
-            "task": item.meta["record"]["task"],
-        }
-        if out["task"] == "grounding":
-            out["box"] = list(result.boxes[0][1].to_xyxy()) if result.boxes else None
-        return out
-
-    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, Prediction]) -> dict[str, float]:
-        return score_shapesworld([it.meta["record"] for it in items], predictions)

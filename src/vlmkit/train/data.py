@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from vlmkit.config import DataConfig, RecipeConfig, StageConfig
 from vlmkit.data.collate import Collator, PackingCollator
 from vlmkit.data.dataset import DataReport, RecordEncoder, VLMDataset
+from vlmkit.data.generators import generate
 from vlmkit.data.loader import (
     REPORT_KEY,
     BatchAssembler,
@@ -28,30 +30,14 @@ log = get_logger(__name__)
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool = True, barrier: Any = None) -> DataConfig:
-    """Resolve data files: generated ShapesWorld splits (into RUN_DIR/data) when `data.synthetic` is set and no
+    """Resolve data files: splits written by the `data.synthetic` generator (into RUN_DIR/data) when no
     `data.train` file is given. Returns a copy of the config with file paths filled in."""
-    import dataclasses
-
     if cfg.train or cfg.synthetic is None:
         return cfg
-    from vlmkit.data.synthetic import ALL_TASKS, generate_shapesworld
-
-    syn = cfg.synthetic
     out = run_dir / "data"
     files = {s: out / f"{s}.json" for s in ("train", "val", "test")}
     if is_main and not all(f.is_file() for f in files.values()):
-        generate_shapesworld(
-            out,
-            n_scenes=syn.n_train,
-            seed=syn.seed,
-            image_size=syn.image_size,
-            tasks=syn.tasks or ALL_TASKS,
-            max_objects=syn.max_objects,
-            noise=syn.noise,
-            grounding_format=syn.grounding_format,
-            describe_first=syn.describe_first,
-            splits={"train": syn.n_train, "val": syn.n_val, "test": syn.n_test},
-        )
+        files.update(generate(cfg.synthetic, out))
     if barrier is not None:
         barrier()
     return dataclasses.replace(

@@ -171,7 +171,9 @@ def test_every_claimed_recipe_is_present():
     assert sorted(_key(n) for n in listed.group(1).split(",")) == sorted(_key(n) for n in claimed)
 
 
-_OWN_RESOLUTION = re.compile(r"runs at (its|the) (checkpoint's|checkpoints') (own )?resolution|runs at its \d+ px")
+_OWN_RESOLUTION = re.compile(
+    r"runs at (its|the) (checkpoint's|checkpoints') (own )?resolution|runs at its \d+ px"
+)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

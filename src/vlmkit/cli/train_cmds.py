@@ -7,6 +7,7 @@ import argparse
 
 def _train(args: argparse.Namespace) -> int:
     from vlmkit.config import ConfigError, RecipeConfig, load_config
+    from vlmkit.data.formats import DataError
     from vlmkit.train.checkpoint import NoSpaceError
     from vlmkit.train.trainer import RunDirError, train
 
@@ -16,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     try:
         final = train(recipe, args.out, resume=args.resume)
-    except (RunDirError, NoSpaceError) as err:
+    except (RunDirError, NoSpaceError, DataError) as err:  # what the user can fix: a message, not a traceback
         raise SystemExit(f"error: {err}") from None
     from vlmkit.train.strategies import rank
 

@@ -464,7 +464,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Excep
         except json.JSONDecodeError:
             record, end = None, start
         if record is not None and _JSON_SPACE.match(text, end).end() == len(text):  # one object: one record
-            yield 0, _checked(record, text, start, end, 0)
+            yield 0, _checked(record, text, start, end)
             return
     yield from _jsonl_records(text, path)
 
@@ -498,7 +498,7 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
-def _checked(record: Any, text: str, start: int, end: int, index: int) -> dict[str, Any] | Exception:
+def _checked(record: Any, text: str, start: int, end: int) -> dict[str, Any] | Exception:
     """`record` (parsed from text[start:end]), or the error that rejects it: bytes that were not UTF-8, or not
     an object."""
     bad = _UNDECODABLE.search(text, start, end)
@@ -533,7 +533,7 @@ def _array_records(text: str, pos: int, path: Path) -> Iterator[tuple[int, dict[
                     f"{path}:{err.lineno}: not valid JSON in record {index + 1} of the array ({err.msg}, column "
                     f"{err.colno}); {_NEITHER}"
                 ) from None
-            yield index, _checked(record, text, pos, end, index)
+            yield index, _checked(record, text, pos, end)
             index += 1
             pos = _JSON_SPACE.match(text, end).end()
             if text.startswith(",", pos):
@@ -563,7 +563,7 @@ def _jsonl_records(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any] 
         if not line.strip():
             continue
         if _UNDECODABLE.search(line):
-            yield i, _checked(None, text, start, start + len(line), i)
+            yield i, _checked(None, text, start, start + len(line))
             continue
         try:
             record = json.loads(line)

@@ -279,6 +279,11 @@ def test_cli_check_with_model_dir(corpus, tiny_vlm, tmp_path, capsys):
     (model_dir / "model.safetensors").unlink()  # the check reads the config and tokenizer, never the weights
     assert main(args) == 1
     assert json.loads(capsys.readouterr().out) == out
+    (
+        model_dir / "processor_config.json"
+    ).unlink()  # as saved by a vlmkit before the Processor: still no weights
+    assert main(args) == 1
+    assert json.loads(capsys.readouterr().out) == out
 
 
 def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_vlm):

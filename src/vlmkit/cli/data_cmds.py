@@ -140,9 +140,22 @@ def _processor(model_dir: str):
 
     if (Path(model_dir) / PROCESSOR_NAME).is_file():
         return Processor.from_pretrained(model_dir)
-    from vlmkit.models.vlm import VisionLanguageModel  # saved by an older vlmkit: build the model once
+    import torch
+    from transformers import AutoTokenizer
 
-    return VisionLanguageModel.from_pretrained(model_dir).processor
+    from vlmkit.config import ModelConfig, from_dict
+    from vlmkit.models.vlm import CONFIG_NAME, VisionLanguageModel
+
+    # saved by a vlmkit before the Processor: the model's config built on the meta device (no weights read)
+    path = Path(model_dir)
+    if not (path / CONFIG_NAME).is_file():
+        raise SystemExit(f"error: {model_dir} has no {CONFIG_NAME}: not a vlmkit model directory")
+    cfg = from_dict(ModelConfig, json.loads((path / CONFIG_NAME).read_text())["model"])
+    try:
+        with torch.device("meta"):
+            return VisionLanguageModel.from_config(cfg, AutoTokenizer.from_pretrained(path)).processor
+    except (RuntimeError, NotImplementedError):  # a part that computes from its weights when it is built
+        return VisionLanguageModel.from_pretrained(path).processor
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

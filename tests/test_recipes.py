@@ -180,7 +180,8 @@ _OWN_RESOLUTION = re.compile(
 def test_recipe_text_states_the_resolution_the_config_sets(path):
     """A recipe that sets `model.vision.resolution` says so, in its comments and in docs/recipes.md."""
     vision = load_config(RecipeConfig, path).model.vision
-    sizes = [t.resolution for t in [vision, *vision.towers] if t.resolution is not None]
+    towers = [vision, *getattr(vision, "towers", [])]  # a fused tower's sub-towers too
+    sizes = [t.resolution for t in towers if getattr(t, "resolution", None) is not None]
     if not sizes:
         return
     comments = "\n".join(line for line in path.read_text().splitlines() if "#" in line)

@@ -227,6 +227,9 @@ class DataConfig:
 
 
 # -------------------------------------------------------------------------------------------- training
+QUANTIZE_MODES = ("none", "4bit")
+
+
 @dataclass
 class LoRAConfig:
     """LoRA through peft on the LLM's linear layers (merged into the weights when the stage ends)."""
@@ -237,7 +240,15 @@ class LoRAConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    quantize: str = "none"  # none | 4bit (QLoRA: needs CUDA and bitsandbytes)
+    # none | 4bit: QLoRA, the frozen LLM's linear layers in 4-bit NF4 with double quantization and bf16 compute
+    # under the adapters (needs a CUDA GPU and bitsandbytes: pip install 'vlmkit[qlora]')
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"quantize: unknown value {self.quantize!r}; allowed: {', '.join(QUANTIZE_MODES)}"
+            )
 
 
 @dataclass
@@ -314,10 +325,20 @@ class RecipeConfig:
     pretrain_vision: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        # generated ShapesWorld data is written in one box format: the processor parses that one
+        # generated data (e.g. ShapesWorld) is written in one box format: the processor parses that one
         generated = getattr(self.data.synthetic, "grounding_format", None)
         if generated is not None and self.model.processor.grounding_format is None:
             self.model.processor.grounding_format = generated
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse combinations of settings that cannot train, naming the keys (run at load and by the trainer)."""
+        if self.model.fusion.mode == "xattn" and self.model.processor.resize == "anyres":
+            raise ConfigError(
+                "model.fusion.mode: xattn cannot take model.processor.resize: anyres: cross-attention fusion gives "
+                "each image one placeholder and attends to one view of it, not to AnyRes tiles; use resize, pad "
+                "or crop, or prefix fusion for AnyRes"
+            )
 
     @staticmethod
     def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -429,7 +450,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
                 )
             raise ConfigError(f"unknown config key '{path}'; allowed here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a value the dataclass itself refuses: name where it is
+        raise ConfigError(f"{where}.{err}" if where else str(err)) from None
 
 
 def drop_unknown_keys(cls: type, data: Any) -> Any:

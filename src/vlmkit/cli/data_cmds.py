@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from vlmkit.config import DataConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,7 +115,13 @@ def _register_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-bad", type=float, default=0.05, help="largest acceptable rejected/total (default 0.05)"
     )
-    p.add_argument("--max-length", type=int, default=None, help="flag samples longer than this (tokens)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="flag samples whose first round is longer than this many tokens (estimated without --model); "
+        f"default: a recipe's default data.max_length ({DataConfig().max_length}); 0: no length check",
+    )
     p.add_argument(
         "--tokens-per-image", type=int, default=0, help="visual tokens per image for the length estimate"
     )
@@ -127,23 +136,33 @@ def _register_check(sub: argparse._SubParsersAction) -> None:
 
 def _processor(model_dir: str):
     """A saved model's processor (its tokenizer and settings; no weights are loaded)."""
-    from pathlib import Path
-
     from vlmkit.data.processor import PROCESSOR_NAME, Processor
 
     if (Path(model_dir) / PROCESSOR_NAME).is_file():
         return Processor.from_pretrained(model_dir)
-    from vlmkit.models.vlm import VisionLanguageModel  # saved by an older vlmkit: build the model once
+    import torch
+    from transformers import AutoTokenizer
 
-    return VisionLanguageModel.from_pretrained(model_dir).processor
+    from vlmkit.config import ModelConfig, from_dict
+    from vlmkit.models.vlm import CONFIG_NAME, VisionLanguageModel
+
+    # saved by a vlmkit before the Processor: the model's config built on the meta device (no weights read)
+    path = Path(model_dir)
+    if not (path / CONFIG_NAME).is_file():
+        raise SystemExit(f"error: {model_dir} has no {CONFIG_NAME}: not a vlmkit model directory")
+    cfg = from_dict(ModelConfig, json.loads((path / CONFIG_NAME).read_text())["model"])
+    try:
+        with torch.device("meta"):
+            return VisionLanguageModel.from_config(cfg, AutoTokenizer.from_pretrained(path)).processor
+    except (RuntimeError, NotImplementedError):  # a part that computes from its weights when it is built
+        return VisionLanguageModel.from_pretrained(path).processor
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     import contextlib
     import sys
-    from pathlib import Path
 
-    from vlmkit.data.dataset import check_data
+    from vlmkit.data.dataset import DataError, check_data
 
     if not Path(args.file).is_file():
         raise SystemExit(f"error: no such data file: {args.file}")
@@ -151,17 +170,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet:
         processor = _processor(args.model) if args.model else None
-        report = check_data(
-            args.file,
-            args.image_root,
-            fmt=args.format,
-            max_length=args.max_length,
-            tokens_per_image=args.tokens_per_image,
-            max_pixels=args.max_pixels,
-            max_bytes=args.max_bytes,
-            processor=processor,
-            num_workers=args.workers,
-        )
+        try:
+            report = check_data(
+                args.file,
+                args.image_root,
+                fmt=args.format,
+                max_length=args.max_length,
+                tokens_per_image=args.tokens_per_image,
+                max_pixels=args.max_pixels,
+                max_bytes=args.max_bytes,
+                processor=processor,
+                num_workers=args.workers,
+            )
+        except DataError as err:
+            raise SystemExit(f"error: {err}") from None
     too_bad = report.bad_fraction > args.max_bad
     if args.json:
         print(json.dumps(report.to_dict()))

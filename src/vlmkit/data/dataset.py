@@ -20,11 +20,13 @@ import torch
 from vlmkit.config import DataConfig
 from vlmkit.data.formats import (
     DEFAULT_CAPTION_INSTRUCTIONS,
+    DataError,
     Sample,
     SampleError,
     merge_image_turns,
     parse_record,
     read_records,
+    select_tasks,
 )
 from vlmkit.data.images import ImageError
 from vlmkit.data.processor import ImageProcessor, Processor
@@ -40,7 +42,7 @@ _WORDS = re.compile(r"\w+|[^\w\s]+")
 
 
 # ------------------------------------------------------------------------------------------------ report
-class DataQualityError(ValueError):
+class DataQualityError(DataError):
     """Too large a share of a data file was rejected (see `DataReport.check`)."""
 
 
@@ -147,7 +149,9 @@ def read_samples(
 ) -> list[Sample]:
     """Parse every record of a JSON/JSONL file; bad records are counted in `report` (never raised).
 
-    Reasons: malformed_json (a JSONL line that is not JSON), bad_schema, no_assistant_turn, image_count_mismatch.
+    Reasons: malformed_json (a JSONL line that is not JSON), bad_encoding (bytes that are not UTF-8; the sample
+    id names the line), bad_schema, no_assistant_turn, image_count_mismatch. A file that is not records at all
+    (neither one JSON document nor JSON lines) raises `DataError` naming its first bad line.
     """
     report = report if report is not None else DataReport(source=str(path))
     samples: list[Sample] = []
@@ -266,7 +270,7 @@ class VLMDataset(torch.utils.data.Dataset):
             read = partial(read_samples, path)
         samples = read(cfg.format, report=report, caption_instructions=cfg.caption_instructions)
         if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
-            samples = [smp for smp in samples if smp.meta.get("task") in set(tasks)]
+            samples = select_tasks(samples, tasks, path)
         if merge_turns:
             before = len(samples)
             samples = merge_image_turns(samples)
@@ -465,10 +469,12 @@ def check_data(
     """Validate a data file and return its `DataReport`; never raises on bad records.
 
     Without `processor` no tokenizer is needed: records are parsed, image markers counted against images, every
-    image opened within the limits, and (when `max_length` is given) the first round's length estimated with
-    `estimate_tokens` + `tokens_per_image` per image. With a model's `processor`, the exact training path is run
-    (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given here override it.
-    Image limits default to `data_cfg`'s; relative image paths resolve against `image_root`, else the file's dir.
+    image opened within the limits, and the first round's length estimated with `estimate_tokens` +
+    `tokens_per_image` per image and flagged `too_long` over `max_length`. With a model's `processor`, the exact
+    training path is run (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given
+    here override it. `max_length` None is `data_cfg.max_length` (512 by default, a recipe's `data.max_length`),
+    0 checks no length. Image limits default to `data_cfg`'s; relative image paths resolve against
+    `image_root`, else the file's dir.
     """
     cfg = dataclasses.replace(data_cfg) if data_cfg is not None else DataConfig()
     cfg.format = fmt
@@ -476,9 +482,10 @@ def check_data(
         cfg.image_root = str(image_root)
     limits = {"max_image_pixels": max_pixels, "max_image_bytes": max_bytes}
     limits = {k: v for k, v in limits.items() if v is not None}
+    if max_length is None:
+        max_length = cfg.max_length
     if processor is not None:
-        if max_length is not None:
-            cfg.max_length = max_length
+        cfg.max_length = max_length or None  # type: ignore[assignment]  # None: no limit
         processor = processor.replace(**limits) if limits else processor
         return VLMDataset.from_config(
             cfg, path, processor, num_workers=num_workers, enforce_max_bad=False
@@ -493,7 +500,7 @@ def check_data(
         bad = _check_images(sample, images, root)
         if isinstance(bad, tuple):
             return bad
-        if max_length is not None:
+        if max_length:
             n = _first_round_estimate(sample, tokens_per_image)
             if n > max_length:
                 return "too_long", f"~{n} tokens (estimated) > max_length={max_length}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 import re
@@ -36,6 +37,15 @@ _ROLE_ALIASES = {
     "system": "system",
 }
 _QWEN_IMG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+BAD_ENCODING = "bad_encoding"  # a record with bytes that are not UTF-8
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (decoded with surrogateescape)
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_NEITHER = "the file is neither one JSON document nor JSON lines"
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given (a file that is neither JSON nor JSONL, a filter that keeps nothing);
+    the message names the file, its line or the setting."""
 
 
 class SampleError(ValueError):
@@ -360,6 +370,27 @@ def parse_record(
     return FORMATS.get(name)(record, sid, index, caption_instructions, seed)
 
 
+def select_tasks(samples: Sequence[Sample], tasks: Sequence[str], source: str | Path = "") -> list[Sample]:
+    """The samples whose record's `task` is one of `tasks` (a stage's `tasks:` filter), in order.
+
+    A filter that keeps none of a non-empty list raises `DataError` naming the filter and the tasks found.
+    """
+    wanted = set(tasks)
+    kept = [smp for smp in samples if smp.meta.get("task") in wanted]
+    if samples and not kept:
+        found = Counter(str(smp.meta["task"]) for smp in samples if "task" in smp.meta)
+        held = [f"{n} '{task}'" for task, n in found.most_common(10)]
+        untagged = sum("task" not in smp.meta for smp in samples)
+        if untagged:
+            held.append(f"{untagged} records have no `task` field")
+        raise DataError(
+            f"{source}: the stage's `tasks: [{', '.join(tasks)}]` filter keeps none of its {len(samples)} "
+            f"samples ({'; '.join(held)}); remove the stage's `tasks` (--set stages.N.tasks=[]) or give the "
+            "records a matching `task` field"
+        )
+    return kept
+
+
 def merge_image_turns(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
     """Join the single-image samples that share one image into one multi-turn conversation per image.
 
@@ -411,42 +442,140 @@ def merge_image_turns(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
-    """(index, record) for a JSON file holding a list, or for JSONL (index = line number - 1).
+    """(index, record) for a JSON file holding one array (or one object), or for JSONL (index = line number - 1).
 
-    A JSONL line that is not valid JSON (or not an object) yields (index, exception) instead of stopping.
+    UTF-8 (with or without a BOM), UTF-16 and UTF-32 (by their BOM, or by the NUL bytes of JSON text without
+    one) are read. A record that cannot be used yields (index, exception) instead of stopping the pass: a JSONL
+    line that is not valid JSON (a `json.JSONDecodeError`), a record that is not an object, a record holding
+    bytes that are not UTF-8 (`SampleError` reason `bad_encoding`, sample id `line N`). A file that is neither
+    one JSON document nor JSON lines (text after the array, a syntax error inside it, no JSON line at all)
+    raises `DataError` naming the first bad line.
     """
     path = Path(path)
-    with open(path, encoding="utf-8-sig") as f:
-        head = ""
-        while not head:
-            ch = f.read(1)
-            head = "" if ch.isspace() else ch or "EOF"
-        f.seek(0)
-        if head == "[" or (head == "{" and path.suffix == ".json"):
-            data = _load_whole(f)
-            if data is not None:
-                for i, record in enumerate(data):
-                    yield i, record if isinstance(record, dict) else _not_object(i)
-                return
-            f.seek(0)
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, err
-                continue
-            yield i, record if isinstance(record, dict) else _not_object(i)
+    text = _decode(path.read_bytes(), path)
+    start = _JSON_SPACE.match(text).end()
+    head = text[start : start + 1]
+    if head == "[":
+        yield from _array_records(text, start + 1, path)
+        return
+    if head == "{":
+        try:
+            record, end = json.JSONDecoder().raw_decode(text, start)
+        except json.JSONDecodeError:
+            record, end = None, start
+        if record is not None and _JSON_SPACE.match(text, end).end() == len(text):  # one object: one record
+            yield 0, _checked(record, text, start, end)
+            return
+    yield from _jsonl_records(text, path)
 
 
-def _load_whole(f: Any) -> list[Any] | None:
-    """A whole-file JSON list (or one object, as a list of one); None when the file is not one JSON value."""
+def _decode(data: bytes, path: Path) -> str:
+    """The text of a data file: UTF-16 / UTF-32 by BOM or by NUL bytes (strictly), else UTF-8 with any bad bytes
+    kept as lone surrogates (`_UNDECODABLE`), so that only the records holding them are rejected."""
+    boms = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"))
+    boms += ((codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+    codec = next((name for bom, name in boms if data.startswith(bom)), None)
+    if codec is None and b"\x00" in data[:4]:  # JSON text starts with ASCII: NULs mean UTF-16/32 without BOM
+        if data[1:4] == b"\x00\x00\x00":
+            codec = "utf-32-le"
+        elif data[:3] == b"\x00\x00\x00":
+            codec = "utf-32-be"
+        else:
+            codec = "utf-16-le" if data[1:2] == b"\x00" else "utf-16-be"
+    if codec is None:
+        return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     try:
-        data = json.load(f)
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, list) else [data]
+        return data.decode(codec).removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].decode(codec, errors="replace").count("\n") + 1
+        raise DataError(
+            f"{path}:{line}: read as {codec.upper()} (its BOM or NUL bytes say so), but byte {err.start} is not "
+            f"{codec.upper()} ({err.reason}); save the file as UTF-8"
+        ) from None
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _checked(record: Any, text: str, start: int, end: int) -> dict[str, Any] | Exception:
+    """`record` (parsed from text[start:end]), or the error that rejects it: bytes that were not UTF-8, or not
+    an object."""
+    bad = _UNDECODABLE.search(text, start, end)
+    if bad is not None:
+        byte = ord(bad.group()) - 0xDC00
+        return SampleError(
+            BAD_ENCODING,
+            f"byte 0x{byte:02x} is not UTF-8 (the file mixes encodings); this record is skipped: re-encode the "
+            "file as UTF-8 to keep it",
+            sample_id=f"line {_line_of(text, bad.start())}",
+        )
+    if not isinstance(record, dict):
+        return SampleError(
+            "bad_schema", "a record must be a JSON object", sample_id=f"line {_line_of(text, start)}"
+        )
+    return record
+
+
+def _array_records(text: str, pos: int, path: Path) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+    """The elements of the JSON array opened just before `pos`, one at a time (each checked by `_checked`)."""
+    decoder = json.JSONDecoder()
+    index = 0
+    pos = _JSON_SPACE.match(text, pos).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                record, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{err.lineno}: not valid JSON in record {index + 1} of the array ({err.msg}, column "
+                    f"{err.colno}); {_NEITHER}"
+                ) from None
+            yield index, _checked(record, text, pos, end)
+            index += 1
+            pos = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+                continue
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            raise DataError(
+                f"{path}:{_line_of(text, pos)}: expected ',' or ']' after record {index} of the array, found "
+                f"{text[pos : pos + 20]!r}; {_NEITHER}"
+            )
+    rest = _JSON_SPACE.match(text, pos).end()
+    if rest < len(text):
+        raise DataError(
+            f"{path}:{_line_of(text, rest)}: text after the JSON array that ends on line {_line_of(text, pos)} "
+            f"({text[rest : rest + 30]!r}); {_NEITHER}"
+        )
+
+
+def _jsonl_records(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+    """One record per non-empty line; a file none of whose lines is JSON raises `DataError`."""
+    parsed, first_error = 0, None
+    offset = 0
+    for i, line in enumerate(text.split("\n")):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        if _UNDECODABLE.search(line):
+            yield i, _checked(None, text, start, start + len(line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            first_error = first_error or (i, err)
+            yield i, err
+            continue
+        parsed += 1
+        yield i, record if isinstance(record, dict) else _not_object(i)
+    if not parsed and first_error is not None:
+        i, err = first_error
+        raise DataError(f"{path}:{i + 1}: not valid JSON ({err.msg}, column {err.colno}); {_NEITHER}")
 
 
 def _not_object(index: int) -> SampleError:

@@ -225,14 +225,30 @@ class Pope(Benchmark):
     """POPE JSONL (`question_id, image, text, label`); the split is `category`/`split` or from the file name.
 
     `data` may be a directory of split files (coco_pope_random.json, ...): ids then become `<split>/<id>`.
+    Answers are read by the official rule (`pope_yes_no`); `lenient` (recorded in the results) lowercases first.
     """
 
     prompt_format = "{text}\n" + SHORT_ANSWER
 
-    def __init__(self, data: str | Path, images: str | Path | None = None, prompt_suffix: str = SHORT_ANSWER):
+    def __init__(
+        self,
+        data: str | Path,
+        images: str | Path | None = None,
+        prompt_suffix: str = SHORT_ANSWER,
+        lenient: bool = False,
+    ):
         super().__init__(data, images)
         self.prompt_suffix = prompt_suffix
         self.prompt_format = "{text}" + (f"\n{prompt_suffix}" if prompt_suffix else "")
+        self.lenient = lenient
+        self.info["answer_rule"] = (
+            "lenient (lowercased, punctuation split): not comparable with published POPE numbers"
+            if lenient
+            else "official (POPE evaluate.py: first sentence, case-sensitive No/no/not)"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "answer_rule": "lenient" if self.lenient else "official"}
 
     def load(self) -> list[EvalItem]:
         files = self.data_files() if self.data.is_dir() else [self.data]
@@ -257,6 +273,7 @@ class Pope(Benchmark):
             [answer_text(predictions, it) for it in items],
             [it.target for it in items],
             [it.meta["split"] for it in items],
+            lenient=self.lenient,
         )
 
 

@@ -33,7 +33,7 @@ from vlmkit.train.checkpoint import (
 from vlmkit.train.hooks import GENERATION_HOOKS, GenerationHook
 from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
 from vlmkit.train.schedule import build_scheduler
-from vlmkit.train.stages import apply_stage, merge_lora, param_groups
+from vlmkit.train.stages import apply_stage, check_requirements, merge_lora, param_groups
 
 log = get_logger(__name__)
 
@@ -95,6 +95,7 @@ class Trainer:
             raise ValueError(
                 "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
             )
+        check_requirements(recipe)  # e.g. QLoRA without CUDA: refused before any work
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from vlmkit.config import BridgeConfig, ConfigError
+from vlmkit.config import BridgeConfig, ConfigError, to_dict
 from vlmkit.models.bridges import (
     BRIDGES,
     REDUCE_MODES,
@@ -21,15 +21,21 @@ from vlmkit.models.bridges import (
 
 VISION_DIM, LLM_DIM, BATCH, QUERIES = 32, 48, 2, 4
 RESAMPLERS = {"qformer", "perceiver", "cross_attn"}
-PER_PATCH = {"linear", "mlp"}
+PER_PATCH = {"linear", "mlp", "vocab_mixture"}
+# object_slots picks objects (a discrete choice of patches) and writes their boxes as digit tokens: gradients
+# reach only the patches of detected objects (tests/test_word_bridges.py); M = slots x tokens per slot
+SLOTS = {"object_slots"}
 
 
 def make(kind: str, reduce: str = "none", **overrides) -> Bridge:
-    """A bridge of `kind` with small settings (those its own config has)."""
+    """A bridge of `kind` with small settings (its own tiny config, if it declares one, and those of the
+    settings below its config has)."""
     torch.manual_seed(0)
+    tiny = BRIDGES.tiny_configs().get(kind) if kind in BRIDGES else None
+    base = {k: v for k, v in to_dict(tiny).items() if k != "kind"} if tiny is not None else {}
     known = {f.name for f in dataclasses.fields(BridgeConfig.kind_class(kind))} if kind in BRIDGES else set()
     small = {k: v for k, v in {"num_queries": QUERIES, "num_layers": 2, "num_heads": 4}.items() if k in known}
-    cfg = BridgeConfig.make(kind, reduce=reduce, **{**small, **overrides})
+    cfg = BridgeConfig.make(kind, **{**base, "reduce": reduce, **small, **overrides})
     return build_bridge(VISION_DIM, LLM_DIM, cfg)
 
 
@@ -39,7 +45,7 @@ def features(n: int, requires_grad: bool = False) -> torch.Tensor:
 
 
 def test_all_kinds_registered() -> None:
-    assert set(BRIDGES.names()) >= RESAMPLERS | PER_PATCH
+    assert set(BRIDGES.names()) >= RESAMPLERS | PER_PATCH | SLOTS
 
 
 @pytest.mark.parametrize("n", [16, 64])
@@ -54,6 +60,8 @@ def test_output_shape_matches_num_tokens(kind: str, reduce: str, n: int) -> None
     reduced_n = n if reduce == "none" else n // 4
     if kind in RESAMPLERS:
         assert bridge.num_tokens(n) == QUERIES
+    elif kind in SLOTS:
+        assert bridge.num_tokens(n) == 4 * (2 + 8)  # 4 slots x (2 label groups + 4 coordinates x 2 digits)
     elif kind in PER_PATCH:
         assert bridge.num_tokens(n) == reduced_n
     if reduce == "none":
@@ -76,7 +84,7 @@ def test_resampler_token_count_independent_of_n(kind: str, reduce: str) -> None:
 
 
 @pytest.mark.parametrize("reduce", REDUCE_MODES)
-@pytest.mark.parametrize("kind", BRIDGES.names())
+@pytest.mark.parametrize("kind", sorted(set(BRIDGES.names()) - SLOTS))
 def test_gradients_reach_every_parameter_and_the_features(kind: str, reduce: str) -> None:
     bridge = make(kind, reduce)
     x = features(16, requires_grad=True)

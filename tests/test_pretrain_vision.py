@@ -185,11 +185,39 @@ def test_mirrored_scene_reverses_caption_and_labels():
 
 def test_dense_targets_label_patches_under_boxes():
     objects = [{"color": "blue", "shape": "square", "box": (0.0, 0.0, 16.0, 16.0)}]
-    color, shape, box = dense_targets(objects, 32, 4, ["blue", "red"], ["circle", "square"])
-    grid = color.view(4, 4)
+    groups = {"color": ["blue", "red"], "shape": ["circle", "square"]}
+    labels, box, on = dense_targets(objects, 32, 4, groups)
+    grid = labels[0].view(4, 4)
     assert grid[:2, :2].eq(1).all() and grid[2:].eq(0).all() and grid[:, 2:].eq(0).all()
-    assert shape.view(4, 4)[:2, :2].eq(2).all()
+    assert labels[1].view(4, 4)[:2, :2].eq(2).all()
+    assert on.view(4, 4)[:2, :2].all() and on.sum() == 4
     assert torch.allclose(box[0], torch.tensor([0.0, 0.0, 0.5, 0.5]))
+
+
+def test_detection_objective_on_any_object_labels(tmp_path):
+    """Records whose objects carry other labels (here a COCO-style `label`) train a detection head too."""
+    from PIL import Image
+
+    from vlmkit.models.detection import DetectionHead, head_groups
+
+    records = []
+    for i in range(8):
+        Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / f"{i}.png")
+        box = [0, 0, 16, 16] if i % 2 else [16, 16, 32, 32]
+        obj = {"label": "dog" if i % 2 else "cat", "box": box}
+        records.append({"caption": "an animal", "image": f"{i}.png", "meta": {"objects": [obj]}})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = PretrainVisionConfig(
+        data=str(data), vision=TINY_VISION, steps=3, max_seconds=0, batch_size=4, contrastive_weight=0,
+        label_groups={"label": []}, threads=1,
+    )  # fmt: skip
+    out = pretrain_vision(cfg, tmp_path / "out", progress=False)
+    assert head_groups(out) == {"label": ["cat", "dog"]}
+    head = DetectionHead(TINY_VISION.vit.dim, {"label": ["cat", "dog"]})
+    head.load(out)
+    saved = load_pretrained(out).detector
+    assert torch.equal(head.dense[1].weight, saved.dense[1].weight)
 
 
 def test_probe_reports_accuracies(shapes, train_data):
@@ -269,3 +297,4 @@ def test_progress_bar_shows_only_the_losses_that_train(contrastive):
     text = console.export_text()
     assert "step 7" in text and "dense 0.125" in text
     assert ("loss 0.500" in text and "acc 0.25" in text) == contrastive, text
+

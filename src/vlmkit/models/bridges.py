@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlmkit.config import BridgeConfig
-from vlmkit.registry import Registry
-
-BRIDGES: Registry = Registry("bridge")
+from vlmkit.models import word_bridges  # noqa: F401  (registers vocab_mixture and object_slots)
+from vlmkit.models.bridge_base import BRIDGES, Bridge
 
 
 @dataclass
@@ -49,18 +49,6 @@ class CrossAttnConfig(BridgeConfig):
 
 
 _TINY_RESAMPLER = {"num_queries": 4, "num_layers": 1, "num_heads": 2}
-
-
-class Bridge(nn.Module):
-    """Interface: every bridge maps [B, N, vision_dim] -> [B, num_tokens(N), llm_dim]."""
-
-    def __init__(self, vision_dim: int, llm_dim: int, cfg: BridgeConfig) -> None:
-        super().__init__()
-        self.vision_dim, self.llm_dim, self.cfg = vision_dim, llm_dim, cfg
-
-    def num_tokens(self, n: int) -> int:
-        """Output tokens M for N input features (N for per-patch bridges, fixed for resamplers)."""
-        return n
 
 
 @BRIDGES.register("linear", tiny=_tiny("linear"))
@@ -367,6 +355,9 @@ class ReducedBridge(Bridge):
     def num_tokens(self, n: int) -> int:
         return self.inner.num_tokens(self.reducer.num_tokens(n))
 
+    def bind_llm(self, llm: Any) -> None:
+        self.inner.bind_llm(llm)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         reduced = self.reducer(features)  # [B, N', D']
         return self.inner(reduced)  # [B, M, Dl]
@@ -383,6 +374,9 @@ class NormedBridge(Bridge):
 
     def num_tokens(self, n: int) -> int:
         return self.inner.num_tokens(n)
+
+    def bind_llm(self, llm: Any) -> None:
+        self.inner.bind_llm(llm)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(self.inner(features))  # [B, M, Dl]

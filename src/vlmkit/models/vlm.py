@@ -22,6 +22,7 @@ from vlmkit.faults import kill_point
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.models.bridges import Bridge, build_bridge
+from vlmkit.models.detection import DetectionHead
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
 from vlmkit.models.llm import LanguageModel, build_llm
@@ -66,6 +67,7 @@ class VisionLanguageModel(nn.Module):
         if cfg.bridge.out_norm:
             embed_rms = float(llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
         bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge, embed_rms)
+        bridge.bind_llm(llm)  # word bridges start from the LLM's word embeddings
         return cls(cfg, vision, bridge, llm)
 
     @property
@@ -253,6 +255,9 @@ class VisionLanguageModel(nn.Module):
         common = {k: getattr(cfg.llm, k) for k in ("image_token", "chat_template", "dtype")}
         cfg.llm = LLMConfig.make("hf", hf_config=self.llm.model.config.to_dict(), **common)
         _portable_vision(cfg.vision, self.vision)
+        heads = [m for m in self.bridge.modules() if isinstance(m, DetectionHead)]
+        if heads:  # the saved model holds the head's weights; its label groups rebuild it
+            cfg.bridge.detector.path, cfg.bridge.detector.groups = None, dict(heads[0].groups)
         return cfg
 
     def save_pretrained(self, out_dir: str | Path) -> Path:

@@ -23,6 +23,7 @@ from torch import nn
 from vlmkit.config import VisionConfig, from_dict, save_yaml, to_dict
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
+from vlmkit.models.detection import DetectionHead
 from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
 
 log = get_logger(__name__)
@@ -52,10 +53,13 @@ class PretrainVisionConfig:
     that kind); the cosine schedule follows whichever limit is nearer. Loss: `contrastive_weight` x symmetric
     InfoNCE (learned temperature) + `dense_weight` x per-patch label heads.
 
-    Records holding ShapesWorld-style `meta.objects` ({color, shape, box}) also get positional/count caption
-    variants (`text_forms`), attribute-binding hard negatives (`hard_negatives` per image), per-patch label
-    heads on the `select_layer` features (color, shape and the object's box for every patch) and random
-    left-right mirroring (`hflip`; texts and labels mirrored too; other records are never flipped). With
+    Records holding `meta.objects` (a `box` and one label per `label_groups` key each) get a per-patch
+    detection head on the `select_layer` features (each group's label and the object's box for every patch;
+    saved as `detection_head.safetensors` for the word bridges) and random left-right mirroring (`hflip`; texts
+    and labels mirrored too; other records are never flipped). `label_groups` maps an object key to its label
+    words (an empty list: every value found in the data, sorted); a value not in the list is background for
+    that group. ShapesWorld-style objects ({color, shape, box}) also get positional/count caption variants
+    (`text_forms`) and attribute-binding hard negatives (`hard_negatives` per image). With
     dense labels, `contrastive_tower: top` stops the contrastive gradient at the `select_layer` features:
     it trains only the blocks above them (none when `select_layer` is -1) and the text side, because when
     it reaches them the patch features learn shape far more slowly (measured: linear-probe shape accuracy
@@ -79,6 +83,7 @@ class PretrainVisionConfig:
     contrastive_tower: str = "top"
     hard_negatives: int = 2
     text_forms: bool = True
+    label_groups: dict[str, list[str]] = field(default_factory=lambda: {"color": [], "shape": []})
     hflip: bool = True
     dense_weight: float = 1.0
     max_pairs: int = 0
@@ -119,8 +124,11 @@ def _caption_of(record: dict[str, Any], index: int) -> tuple[str, str] | None:
     return sample.images[0], replies[0]
 
 
-def _scaled_objects(record: dict[str, Any], image_size: int) -> list[dict[str, Any]] | None:
-    """`meta.objects` with boxes rescaled to the tower's square image (None when absent or malformed)."""
+def _scaled_objects(
+    record: dict[str, Any], image_size: int, keys: Sequence[str] = ("color", "shape")
+) -> list[dict[str, Any]] | None:
+    """`meta.objects` (a box and the label `keys` each) with boxes rescaled to the tower's square image (None
+    when absent or malformed)."""
     meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
     objects = meta.get("objects", record.get("objects"))
     if not isinstance(objects, list) or not objects:
@@ -128,20 +136,23 @@ def _scaled_objects(record: dict[str, Any], image_size: int) -> list[dict[str, A
     width, height = meta.get("width", image_size), meta.get("height", image_size)
     out = []
     for o in objects:
-        if not (isinstance(o, dict) and {"color", "shape", "box"} <= o.keys() and len(o["box"]) == 4):
+        if not (isinstance(o, dict) and {*keys, "box"} <= o.keys() and len(o["box"]) == 4):
             return None
         x1, y1, x2, y2 = (float(v) for v in o["box"])
         sx, sy = image_size / float(width), image_size / float(height)
-        out.append(
-            {"color": str(o["color"]), "shape": str(o["shape"]), "box": (x1 * sx, y1 * sy, x2 * sx, y2 * sy)}
-        )
+        out.append({**{k: str(o[k]) for k in keys}, "box": (x1 * sx, y1 * sy, x2 * sx, y2 * sy)})
     return out
 
 
 def load_pairs(
-    path: str | Path, vision: VisionConfig, image_root: str | Path | None = None, max_pairs: int = 0
+    path: str | Path,
+    vision: VisionConfig,
+    image_root: str | Path | None = None,
+    max_pairs: int = 0,
+    label_keys: Sequence[str] = ("color", "shape"),
 ) -> PairData:
-    """Caption JSONL / LLaVA JSON (ShapesWorld: its `caption` records) -> tensors, one pair per image."""
+    """Caption JSONL / LLaVA JSON (ShapesWorld: its `caption` records) -> tensors, one pair per image; objects
+    (`meta.objects` with a box and every one of `label_keys`) kept per image."""
     from vlmkit.data.formats import read_records
     from vlmkit.data.images import ImageError, load_image, to_tensor
 
@@ -170,7 +181,7 @@ def load_pairs(
             image = image.resize((size, size), Image.Resampling.BICUBIC)  # as SmallViT.transform
         pixels.append(to_tensor(image, vision.image_mean, vision.image_std))  # [3, S, S]
         data.captions.append(caption)
-        data.objects.append(_scaled_objects(record, size))
+        data.objects.append(_scaled_objects(record, size, label_keys))
         data.images.append(ref)
         if max_pairs and len(pixels) >= max_pairs:
             break
@@ -262,22 +273,27 @@ class ContrastiveModel(nn.Module):
         tokenizer: WordTokenizer,
         text: TextEncoderConfig,
         embed_dim: int,
-        colors: Sequence[str] = (),
-        shapes: Sequence[str] = (),
+        groups: dict[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         self.tower = SmallViT(vision)
         self.tokenizer = tokenizer
         self.text_cfg = text
-        self.colors, self.shapes = list(colors), list(shapes)
+        self.groups = {k: list(v) for k, v in (groups or {}).items() if v}
         dim = self.tower.feature_dim
         self.image_proj = nn.Linear(dim, embed_dim, bias=False)
         self.text = TextEncoder(len(tokenizer), text, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # per patch: background + colors, background + shapes, box (x1, y1, x2, y2) / image size
-        self.dense = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, len(self.colors) + len(self.shapes) + 2 + 4)
-        )
+        # per patch: background + each group's labels, and the box (x1, y1, x2, y2) / image size
+        self.detector = DetectionHead(dim, self.groups) if self.groups else None
+
+    @property
+    def colors(self) -> list[str]:
+        return self.groups.get("color", [])
+
+    @property
+    def shapes(self) -> list[str]:
+        return self.groups.get("shape", [])
 
     def encode_images(self, pixels: torch.Tensor, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [B, 3, S, S] -> (unit embeddings [B, E], patch features at `select_layer` [B, G*G, D]).
@@ -310,11 +326,12 @@ class ContrastiveModel(nn.Module):
         ids = self.tokenizer.encode(texts, self.text_cfg.max_len).to(device)  # [T, L]
         return F.normalize(self.text(ids), dim=-1)
 
-    def dense_logits(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """patches [B, N, D] -> color logits [B, N, C+1], shape logits [B, N, K+1], boxes [B, N, 4] (0..1)."""
-        out = self.dense(patches)
-        c, k = len(self.colors) + 1, len(self.shapes) + 1
-        return out[..., :c], out[..., c : c + k], out[..., c + k :].sigmoid()
+    def dense_logits(self, patches: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """patches [B, N, D] -> per label group logits [B, N, 1 + n_g], boxes [B, N, 4] (0..1)."""
+        if self.detector is None:
+            raise ValueError("this model has no detection head (its data had no meta.objects)")
+        logits, box = self.detector.logits(patches)
+        return logits, box.sigmoid()
 
 
 # --------------------------------------------------------------------------------- texts and hard negatives
@@ -411,8 +428,10 @@ def mirror(objects: Sequence[dict[str, Any]], image_size: int) -> list[dict[str,
     ]
 
 
-def _items(objects: Sequence[dict[str, Any]], image_size: int) -> list[_Item]:
-    """Objects left to right (then top to bottom) as described items."""
+def _items(objects: Sequence[dict[str, Any]] | None, image_size: int) -> list[_Item] | None:
+    """Objects left to right (then top to bottom) as described items (None unless each has color and shape)."""
+    if not objects or not all("color" in o and "shape" in o for o in objects):
+        return None
     ordered = sorted(
         objects, key=lambda o: ((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2)
     )
@@ -427,7 +446,7 @@ class TextSampler:
     ):
         self.data, self.forms = data, forms
         self.colors, self.shapes = list(colors), list(shapes)
-        self.items: list[list[_Item] | None] = [_items(o, image_size) if o else None for o in data.objects]
+        self.items: list[list[_Item] | None] = [_items(o, image_size) for o in data.objects]
         self.mirrored: list[list[_Item] | None] = [
             _items(mirror(o, image_size), image_size) if o else None for o in data.objects
         ]
@@ -466,18 +485,19 @@ def dense_targets(
     objects: Sequence[dict[str, Any]] | None,
     image_size: int,
     grid: int,
-    colors: Sequence[str],
-    shapes: Sequence[str],
+    groups: dict[str, Sequence[str]],
     min_overlap: float = 0.3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-patch labels (row-major G*G): color id [N] and shape id [N] (0 = background), box [N, 4] in 0..1.
+    """Per-patch targets (row-major G*G): label ids [len(groups), N] (0 = background; a value not among a
+    group's words is background too), box [N, 4] in 0..1, and whether the patch belongs to an object [N].
 
     A patch belongs to the object whose box covers most of it, if that covers at least `min_overlap`.
     """
     n = grid * grid
-    color, shape, box = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.zeros(n, 4)
+    labels, box = torch.zeros(len(groups), n, dtype=torch.long), torch.zeros(n, 4)
+    on = torch.zeros(n, dtype=torch.bool)
     if not objects:
-        return color, shape, box
+        return labels, box, on
     cell = image_size / grid
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     x1, y1 = cols.flatten() * cell, rows.flatten() * cell  # [N] patch corners
@@ -489,30 +509,12 @@ def dense_targets(
         min=0
     )
     overlap, owner = (w * h / (cell * cell)).max(dim=1)  # [N], [N]
-    color_ids = torch.tensor([colors.index(o["color"]) + 1 if o["color"] in colors else 0 for o in objects])
-    shape_ids = torch.tensor([shapes.index(o["shape"]) + 1 if o["shape"] in shapes else 0 for o in objects])
     on = overlap >= min_overlap
-    color[on], shape[on] = color_ids[owner[on]], shape_ids[owner[on]]
+    for g, (key, words) in enumerate(groups.items()):
+        ids = torch.tensor([list(words).index(o[key]) + 1 if o.get(key) in words else 0 for o in objects])
+        labels[g, on] = ids[owner[on]]
     box[on] = boxes[owner[on]] / image_size
-    return color, shape, box
-    cell = image_size / grid
-    for r in range(grid):
-        for c in range(grid):
-            px1, py1 = c * cell, r * cell
-            best, best_o = min_overlap * cell * cell, None
-            for o in objects:
-                x1, y1, x2, y2 = o["box"]
-                inter = max(0.0, min(x2, px1 + cell) - max(x1, px1)) * max(
-                    0.0, min(y2, py1 + cell) - max(y1, py1)
-                )
-                if inter >= best:
-                    best, best_o = inter, o
-            if best_o is not None:
-                k = r * grid + c
-                color[k] = colors.index(best_o["color"]) + 1 if best_o["color"] in colors else 0
-                shape[k] = shapes.index(best_o["shape"]) + 1 if best_o["shape"] in shapes else 0
-                box[k] = torch.tensor(best_o["box"]) / image_size
-    return color, shape, box
+    return labels, box, on
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -537,15 +539,15 @@ def contrastive_loss(
 def dense_loss(
     model: ContrastiveModel,
     patches: torch.Tensor,
-    color: torch.Tensor,
-    shape: torch.Tensor,
+    labels: torch.Tensor,
     box: torch.Tensor,
+    on: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-patch color/shape cross-entropy + L1 box regression on object patches; patches [B, N, D]."""
-    color_logits, shape_logits, box_pred = model.dense_logits(patches)
-    loss = F.cross_entropy(color_logits.flatten(0, 1), color.flatten())
-    loss = loss + F.cross_entropy(shape_logits.flatten(0, 1), shape.flatten())
-    on = (color > 0).unsqueeze(-1).float()  # [B, N, 1]
+    """The detection objective (no LLM involved): per-patch cross-entropy of every label group + L1 box
+    regression on object patches. patches [B, N, D], labels [B, G, N], box [B, N, 4], on [B, N]."""
+    logits, box_pred = model.dense_logits(patches)
+    loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[:, g].flatten()) for g, lg in enumerate(logits))
+    on = on.unsqueeze(-1).float()  # [B, N, 1]
     return loss + 5.0 * ((box_pred - box).abs() * on).sum() / (4 * on.sum()).clamp(min=1)
 
 
@@ -561,9 +563,10 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
-def _attribute_values(data: PairData) -> tuple[list[str], list[str]]:
+def label_groups(data: PairData, groups: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The detection head's label words per group: as configured, or (an empty list) every value in the data."""
     objs = [o for scene in data.objects if scene for o in scene]
-    return sorted({o["color"] for o in objs}), sorted({o["shape"] for o in objs})
+    return {k: list(v) or sorted({o[k] for o in objs if k in o}) for k, v in groups.items()}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -600,10 +603,11 @@ def _progress_bar(enabled: bool, contrastive: bool = True):
 
 def build_model(cfg: PretrainVisionConfig, data: PairData) -> tuple[ContrastiveModel, TextSampler]:
     """A new model (tower from `cfg.vision`, loading `cfg.vision.path` if set) and its text sampler."""
-    colors, shapes = _attribute_values(data)
+    groups = label_groups(data, cfg.label_groups)
+    colors, shapes = groups.get("color", []), groups.get("shape", [])
     sampler = TextSampler(data, cfg.vision.image_size, cfg.text_forms, colors, shapes)
     tokenizer = WordTokenizer.build(sampler.vocabulary_texts())
-    model = ContrastiveModel(cfg.vision, tokenizer, cfg.text, cfg.embed_dim, colors, shapes)
+    model = ContrastiveModel(cfg.vision, tokenizer, cfg.text, cfg.embed_dim, groups)
     return model, sampler
 
 
@@ -640,11 +644,11 @@ def train_contrastive(
     grid, size = model.tower.grid_size(), cfg.vision.image_size
     has_objects = torch.tensor([o is not None for o in data.objects])  # [N]
     views = [data.objects, [mirror(o, size) if o else None for o in data.objects]]  # as is, mirrored
-    targets = [[dense_targets(o, size, grid, model.colors, model.shapes) for o in objs] for objs in views]
-    color = torch.stack([torch.stack([t[0] for t in ts]) for ts in targets])  # [2, N, G*G] (as is, mirrored)
-    shape = torch.stack([torch.stack([t[1] for t in ts]) for ts in targets])  # [2, N, G*G]
-    box = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G, 4]
-    use_dense = cfg.dense_weight > 0 and bool(has_objects.any())
+    targets = [[dense_targets(o, size, grid, model.groups) for o in objs] for objs in views]
+    labels = torch.stack([torch.stack([t[0] for t in ts]) for ts in targets])  # [2, N, groups, G*G]
+    box = torch.stack([torch.stack([t[1] for t in ts]) for ts in targets])  # [2, N, G*G, 4] (as is, mirrored)
+    on = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G]
+    use_dense = cfg.dense_weight > 0 and bool(has_objects.any()) and model.detector is not None
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     tower_params = list(model.tower.parameters())
     clip_parts = [tower_params, [p for p in model.parameters() if all(p is not q for q in tower_params)]]
@@ -690,9 +694,9 @@ def train_contrastive(
                 d_loss = dense_loss(
                     model,
                     patches[keep],
-                    color[view, idx][keep],
-                    shape[view, idx][keep],
+                    labels[view, idx][keep],
                     box[view, idx][keep],
+                    on[view, idx][keep],
                 )
                 total = total + cfg.dense_weight * d_loss
             optimizer.zero_grad(set_to_none=True)
@@ -748,7 +752,8 @@ def save_pretrained(
     model: ContrastiveModel, out_dir: str | Path, metrics: dict[str, Any] | None = None
 ) -> Path:
     """Write vision.safetensors (the tower), text_encoder.safetensors (the rest), vision_config.json/.yaml,
-    pretrain_vision.json (vocabulary, text config, attribute values) and metrics.json."""
+    pretrain_vision.json (vocabulary, text config, label groups), metrics.json and, when the model has one,
+    the detection head alone (detection_head.safetensors / .json, what `bridge.detector.path` loads)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(model.tower.state_dict(), out / VIT_WEIGHTS)
@@ -762,10 +767,11 @@ def save_pretrained(
         "vocab": model.tokenizer.vocab,
         "text": to_dict(model.text_cfg),
         "embed_dim": model.image_proj.out_features,
-        "colors": model.colors,
-        "shapes": model.shapes,
+        "label_groups": model.groups,
     }
     _write_text(out / META_FILE, json.dumps(meta))
+    if model.detector is not None:
+        model.detector.save(out)
     if metrics is not None:
         _write_text(out / METRICS_FILE, json.dumps(metrics, indent=1))
     return out
@@ -788,10 +794,12 @@ def load_pretrained(out_dir: str | Path) -> ContrastiveModel:
         WordTokenizer(meta["vocab"]),
         from_dict(TextEncoderConfig, meta["text"]),
         int(meta["embed_dim"]),
-        meta["colors"],
-        meta["shapes"],
+        meta.get("label_groups") or {"color": meta.get("colors", []), "shape": meta.get("shapes", [])},
     )
-    missing, unexpected = model.load_state_dict(load_file(str(out / TEXT_WEIGHTS)), strict=False)
+    state = load_file(str(out / TEXT_WEIGHTS))
+    # directories written before the head had a module of its own hold it as `dense.*`
+    state = {("detector." + k if k.startswith("dense.") else k): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("tower.") for k in missing):
         raise RuntimeError(
             f"{out / TEXT_WEIGHTS} does not match: missing={missing[:4]} unexpected={unexpected[:4]}"
@@ -824,7 +832,7 @@ def pretrain_vision(
             if not cfg.data:
                 raise ValueError("no data: set `data` (caption JSONL or LLaVA JSON)")
             t0 = time.perf_counter()
-            data = load_pairs(cfg.data, cfg.vision, cfg.image_root, cfg.max_pairs)
+            data = load_pairs(cfg.data, cfg.vision, cfg.image_root, cfg.max_pairs, list(cfg.label_groups))
             log.info(
                 "loaded %d image–text pairs from %s in %.1fs", len(data), cfg.data, time.perf_counter() - t0
             )

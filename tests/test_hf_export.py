@@ -79,6 +79,28 @@ def _save(model, tmp_path):
     return model.save_pretrained(tmp_path / "ours")
 
 
+def test_export_merges_an_image_gated_lora_and_says_so(tmp_path, caplog):
+    from vlmkit.config import LoRAConfig
+
+    model = _model("clip", "mlp")
+    model.add_lora(LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], gate="image"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    batch = _batch(model)
+    with torch.no_grad():
+        gated = model(**batch).logits  # every row has an image: the adapter acts on all of them
+    saved = _save(model, tmp_path)
+    with caplog.at_level("WARNING"):
+        main(["export-hf", str(saved), str(tmp_path / "hf")])
+    assert "merging the image-gated LoRA" in caplog.text and "text-only prompts differently" in caplog.text
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        assert torch.allclose(llava(**hf_inputs).logits, gated, atol=1e-4)
+
+
 def test_import_tiny_transformers_llava_and_round_trip(tmp_path):
     torch.manual_seed(1)
     tokenizer = build_tiny_tokenizer()

@@ -297,4 +297,3 @@ def test_progress_bar_shows_only_the_losses_that_train(contrastive):
     text = console.export_text()
     assert "step 7" in text and "dense 0.125" in text
     assert ("loss 0.500" in text and "acc 0.25" in text) == contrastive, text
-

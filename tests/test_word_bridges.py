@@ -130,7 +130,9 @@ def test_object_slots_layout_and_no_location(llm):
 
 def test_object_slot_gradients_reach_the_detected_patches_only(llm):
     torch.manual_seed(0)
-    cfg = ObjectSlotsConfig(kind="object_slots", detector=DetectorConfig(groups=GROUPS), slots=SlotsConfig(num=2))
+    cfg = ObjectSlotsConfig(
+        kind="object_slots", detector=DetectorConfig(groups=GROUPS), slots=SlotsConfig(num=2)
+    )
     bridge = build_bridge(8, llm.hidden_size, cfg)
     with torch.no_grad():  # patch features set objectness: feature 0 > 0 makes a patch an object
         bridge.head.dense[1].weight.zero_()

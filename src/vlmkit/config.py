@@ -176,6 +176,8 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     adapters: AdapterConfig | None = None  # bottleneck adapters in the LLM (Lynx); None: none
+    # an unmerged, image-gated LoRA on the LLM (set by a stage with `lora.gate: image`); None: none
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         # each part as its kind's own config class (defaults of that kind filled in)
@@ -228,11 +230,17 @@ class DataConfig:
 
 # -------------------------------------------------------------------------------------------- training
 QUANTIZE_MODES = ("none", "4bit")
+LORA_GATES = ("none", "image")
 
 
 @dataclass
 class LoRAConfig:
-    """LoRA through peft on the LLM's linear layers (merged into the weights when the stage ends)."""
+    """LoRA through peft on the LLM's linear layers.
+
+    `gate`: `none` merges the adapters into the weights when the stage ends; `image` keeps them apart (saved
+    with the model) and applies them only to prompts that carry an image: a text-only row runs the base LLM
+    exactly, in training, generation, chat, serve and eval (`vlmkit export-hf` merges them).
+    """
 
     r: int = 16
     alpha: int = 32
@@ -243,11 +251,19 @@ class LoRAConfig:
     # none | 4bit: QLoRA, the frozen LLM's linear layers in 4-bit NF4 with double quantization and bf16 compute
     # under the adapters (needs a CUDA GPU and bitsandbytes: pip install 'vlmkit[qlora]')
     quantize: str = "none"
+    gate: str = "none"  # none | image
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError(
                 f"quantize: unknown value {self.quantize!r}; allowed: {', '.join(QUANTIZE_MODES)}"
+            )
+        if self.gate not in LORA_GATES:
+            raise ConfigError(f"gate: unknown value {self.gate!r}; allowed: {', '.join(LORA_GATES)}")
+        if self.gate == "image" and self.quantize != "none":
+            raise ConfigError(
+                "gate: image keeps the adapters apart from a full-precision LLM (saved and reloaded with it); "
+                "with quantize: 4bit use gate: none (merged, dequantized, at the stage end)"
             )
 
 

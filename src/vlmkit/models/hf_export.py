@@ -80,8 +80,17 @@ def _projector_weights(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 
 def to_llava(model: VisionLanguageModel) -> LlavaForConditionalGeneration:
-    """Build a transformers Llava model holding exactly this model's weights."""
+    """Build a transformers Llava model holding exactly this model's weights.
+
+    An image-gated LoRA (`lora.gate: image`) is merged into the LLM first (in place): Llava has no gate, so the
+    export answers text-only prompts with the adapted weights, not the base LLM's as the vlmkit model does."""
     model_type = check_exportable(model)
+    if model.cfg.lora is not None:
+        log.warning(
+            "export: merging the image-gated LoRA into the LLM weights (Llava has no gate): the exported model "
+            "answers text-only prompts differently from the vlmkit model, which runs them without the adapter"
+        )
+        model.merge_lora()
     vision_cfg = model.vision.hf_config_dict()
     text_cfg = model.llm.model.config.to_dict()
     config = LlavaConfig(

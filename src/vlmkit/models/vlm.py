@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from vlmkit import __version__
-from vlmkit.config import LLMConfig, ModelConfig, drop_unknown_keys, from_dict, to_dict
+from vlmkit.config import LLMConfig, LoRAConfig, ModelConfig, drop_unknown_keys, from_dict, to_dict
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator
 from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeometry
@@ -26,6 +27,7 @@ from vlmkit.models.detection import DetectionHead
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
 from vlmkit.models.llm import LanguageModel, build_llm
+from vlmkit.models.lora import ImageGate, has_lora, rows_with_image, wrap_lora
 from vlmkit.models.vision import VisionTower, build_vision_tower
 
 log = get_logger(__name__)
@@ -56,6 +58,7 @@ class VisionLanguageModel(nn.Module):
             from vlmkit.models.adapters import LLMAdapters
 
             self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
+        self.lora_gate: ImageGate | None = None  # set by `add_lora` for an image-gated adapter
 
     # ------------------------------------------------------------------------------------- building
     @classmethod
@@ -68,7 +71,37 @@ class VisionLanguageModel(nn.Module):
             embed_rms = float(llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
         bridge = build_bridge(vision.feature_dim, llm.hidden_size, cfg.bridge, embed_rms)
         bridge.bind_llm(llm)  # word bridges start from the LLM's word embeddings
-        return cls(cfg, vision, bridge, llm)
+        model = cls(cfg, vision, bridge, llm)
+        if cfg.lora is not None:  # a saved model's unmerged, image-gated adapter
+            model.add_lora(cfg.lora)
+        return model
+
+    # ----------------------------------------------------------------------------------------- LoRA
+    def add_lora(self, cfg: LoRAConfig) -> None:
+        """Wrap the LLM with peft LoRA adapters. With `cfg.gate == "image"` they stay unmerged (saved with the
+        model, recorded in `cfg.lora`) and run only for prompts that carry an image."""
+        if has_lora(self.llm.model):
+            raise ValueError("the LLM already has LoRA adapters")
+        self.llm.model = wrap_lora(self.llm.model, cfg)
+        if cfg.gate == "image":
+            self.lora_gate = ImageGate(self.llm.model)
+            self.cfg.lora = from_dict(LoRAConfig, to_dict(cfg))
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the LLM weights (a plain transformers model again; ungated)."""
+        if not has_lora(self.llm.model):
+            return
+        if self.lora_gate is not None:
+            self.lora_gate.remove()
+            self.lora_gate = None
+        self.llm.model = self.llm.model.merge_and_unload()
+        self.cfg.lora = None
+
+    def _gated(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> Any:
+        """Context for one LLM pass: an image-gated LoRA runs only on the rows (packed samples) with an image."""
+        if self.lora_gate is None:
+            return contextlib.nullcontext()
+        return self.lora_gate.rows(rows_with_image(input_ids, self.image_token_id, position_ids))
 
     @property
     def tokenizer(self) -> Any:
@@ -169,6 +202,22 @@ class VisionLanguageModel(nn.Module):
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
+        with self._gated(input_ids, position_ids):
+            return self._llm_pass(
+                inputs, common, labels, past_key_values, use_cache, return_logits, label_weights
+            )
+
+    def _llm_pass(
+        self,
+        inputs: LLMInputs,
+        common: dict[str, Any],
+        labels: torch.Tensor | None,
+        past_key_values: Any,
+        use_cache: bool,
+        return_logits: bool,
+        label_weights: torch.Tensor | None,
+    ) -> VLMOutput:
+        """The LLM on the merged inputs: the loss at labelled positions only, or logits (+ loss)."""
         if labels is not None and not return_logits and not use_cache and self.llm.plain_lm_head:
             # use_cache=False also matters for packed rows: with a cache, transformers skips detecting
             # the packed samples from position_ids and lets them attend to each other.
@@ -204,9 +253,10 @@ class VisionLanguageModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         inputs = self.embed_inputs(input_ids, pixel_values, image_counts=image_counts)
         eos = config.eos_token_ids or self.llm.eos_token_ids
-        return decode_loop(
-            self._step, inputs, attention_mask, self.fusion.advance, self.llm, config, eos, streamer
-        )
+        with self._gated(input_ids):
+            return decode_loop(
+                self._step, inputs, attention_mask, self.fusion.advance, self.llm, config, eos, streamer
+            )
 
     def _step(
         self,

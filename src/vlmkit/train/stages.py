@@ -110,13 +110,12 @@ def quantize_llm_4bit(model: nn.Module, device: torch.device | str) -> int:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, device: torch.device | str | None = None) -> None:
-    """Wrap the LLM with peft LoRA adapters (only the adapters train inside the LLM).
+    """Wrap the LLM with peft LoRA adapters (only the adapters train inside the LLM); `cfg.gate: image` keeps
+    them unmerged and applies them only to prompts that carry an image (`VisionLanguageModel.add_lora`).
 
     `quantize: 4bit` (QLoRA) first puts the frozen LLM's linear layers in 4-bit NF4 on `device` (default: the
     current CUDA device; refused with `QuantizationUnavailableError` where that cannot run).
     """
-    from peft import LoraConfig, get_peft_model
-
     if cfg.quantize == "4bit":
         if device is None:
             problem = quantization_problem(cfg.quantize)
@@ -125,25 +124,19 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, device: torch.device | str | N
             device = torch.device("cuda", torch.cuda.current_device())
         count = quantize_llm_4bit(model, device)
         log.info("QLoRA: %d linear layers of the LLM in 4-bit NF4 (double quantization, bf16 compute)", count)
-    peft_cfg = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        bias="none",
-    )
-    model.llm.model = get_peft_model(model.llm.model, peft_cfg)
+    model.add_lora(cfg)  # `gate: image` keeps the adapters apart, applied only to prompts with an image
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold LoRA adapters into the LLM weights (a plain transformers model again).
+    """At a stage's end: fold LoRA adapters into the LLM weights (a plain transformers model again), unless they
+    are image-gated (those stay apart, saved with the model, so text-only prompts keep the base LLM's answers).
 
     A 4-bit (QLoRA) LLM is dequantized to its original dtype and each adapter's update is added in full precision
     (re-quantizing the merged weight, as peft's own merge of 4-bit layers does, would round most of it away):
     the result holds exactly the weights the adapters were trained against, plus the adapters.
     """
     llm_model = model.llm.model
-    if not hasattr(llm_model, "merge_and_unload"):
+    if not hasattr(llm_model, "merge_and_unload") or getattr(model, "lora_gate", None) is not None:
         return
     if getattr(llm_model.get_base_model(), "is_loaded_in_4bit", False):
         model.llm.model = _merge_dequantized(llm_model)

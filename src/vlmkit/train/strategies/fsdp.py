@@ -61,7 +61,7 @@ class FSDPStrategy(_Distributed):
             return model
         with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
             plain = VisionLanguageModel.from_config(model.portable_config(), tokenizer=model.tokenizer)
-            if has_lora(model):
+            if has_lora(model) and not has_lora(plain):  # (an image-gated adapter is in the config)
                 from peft import get_peft_model
 
                 adapters = model.llm.model.peft_config

@@ -36,6 +36,15 @@ def test_tiny_recipe_runs_and_writes_the_run_directory(reference_run):
     assert {r["stage"] for r in rows} == {"align", "instruct"}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert any("val_loss" in r for r in read_metrics(reference_run / "metrics.jsonl"))
+    # every step logs its visual tokens' RMS against the word embeddings'; every validation how the LLM's
+    # layers transform them (one cosine per layer, for visual and for text tokens)
+    assert all(r["visual_rms_ratio"] > 0 for r in rows)
+    stats = [r for r in read_metrics(reference_run / "metrics.jsonl") if "val_visual_cos" in r]
+    layers = 2  # the tiny LLM's
+    assert len(stats) == 2 and all(
+        len(r["val_visual_cos"]) == len(r["val_text_cos"]) == layers for r in stats
+    )
+    assert all(-1 <= c <= 1 for r in stats for c in r["val_visual_cos"])
     for name in (
         "config.yaml",
         "training.png",

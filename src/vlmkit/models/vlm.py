@@ -59,6 +59,7 @@ class VisionLanguageModel(nn.Module):
 
             self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
         self.lora_gate: ImageGate | None = None  # set by `add_lora` for an image-gated adapter
+        self.visual_rms: torch.Tensor | None = None  # RMS of the last forward's visual tokens (training logs)
 
     # ------------------------------------------------------------------------------------- building
     @classmethod
@@ -167,6 +168,8 @@ class VisionLanguageModel(nn.Module):
             visual = self.encode_images(pixel_values)
         is_image = input_ids == self.image_token_id  # [B, T]
         num_images = 0 if visual is None else len(visual)
+        if visual is not None:
+            self.visual_rms = visual.detach().float().pow(2).mean().sqrt()  # read by the trainer's logs
         check_image_tokens(
             is_image.sum(dim=1).tolist(), image_counts, num_images, self.tokens_per_image(), sample_ids
         )
@@ -230,6 +233,59 @@ class VisionLanguageModel(nn.Module):
         self.fusion.check(inputs.kwargs)
         loss = causal_lm_loss(out.logits, labels, label_weights) if labels is not None else None
         return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+
+    # ------------------------------------------------------------------------------------ diagnostics
+    def word_embedding_rms(self) -> float:
+        """RMS of the LLM's input-embedding table: the scale its word tokens enter the first layer at."""
+        return float(self.llm.embeddings.weight.detach().float().pow(2).mean().sqrt())
+
+    @torch.no_grad()
+    def visual_token_stats(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        **_: Any,
+    ) -> dict[str, Any]:
+        """How the LLM reads this batch's visual tokens ({} without images, or when the fusion does not put them
+        in the input sequence):
+
+        `visual_rms_ratio`: their RMS over the word-embedding RMS (>> 1: too loud, read as a fixed vector);
+        `visual_cos` / `text_cos`: per layer l = 1..L, the mean cosine between a token's hidden state after
+        layer l and its input embedding, for visual tokens and for text tokens. A text token's falls to ~0 after
+        a layer or two; visual tokens whose cosine stays near 1 are carried through the layers untransformed.
+        """
+        if pixel_values is None and vision_features is None:
+            return {}
+        inputs = self.embed_inputs(input_ids, pixel_values, vision_features, position_ids=position_ids)
+        if inputs.kwargs:  # cross-attention: the images are not in the sequence
+            return {}
+        with self._gated(input_ids, position_ids):
+            hidden = self.llm.decoder(
+                inputs_embeds=inputs.embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states  # L + 1 tensors [B, T, D]
+        is_image = input_ids == self.image_token_id
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+        is_text = valid & ~is_image
+
+        def cosines(where: torch.Tensor) -> list[float]:
+            h0 = hidden[0][where].float()
+            return [
+                round(float(nn.functional.cosine_similarity(h[where].float(), h0, dim=-1).mean()), 4)
+                for h in hidden[1:]
+            ]
+
+        return {
+            "visual_rms_ratio": float(self.visual_rms) / max(self.word_embedding_rms(), 1e-12),
+            "visual_cos": cosines(is_image),
+            "text_cos": cosines(is_text),
+        }
 
     # ----------------------------------------------------------------------------------- generation
     @torch.no_grad()

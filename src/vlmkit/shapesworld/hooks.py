@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.config import RecipeConfig
+from vlmkit.infer.generate import Predictor
 from vlmkit.shapesworld.scoring import evaluate_shapesworld
 from vlmkit.train.data import prepare_data
 from vlmkit.train.hooks import GENERATION_HOOKS
@@ -32,5 +33,6 @@ class TaskGenerationHook:
             records = json.loads(Path(source).read_text())[: self.recipe.train.eval_generation]
             subset.write_text(json.dumps(records))
         image_root = data.image_root or str(Path(source).parent)
-        scores = evaluate_shapesworld(model.eval(), subset, image_root, batch_size=16, max_new_tokens=48)
+        predictor = Predictor(model.eval(), precision=self.recipe.train.precision)  # as training computes
+        scores = evaluate_shapesworld(predictor, subset, image_root, batch_size=16, max_new_tokens=48)
         return {k: float(v) for k, v in scores.items() if not k.startswith("n_") and v is not None}

@@ -68,7 +68,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_run(metrics_path: Path, out_png: Path) -> Path | None:
-    """Loss (train and validation) and learning rate against step, one PNG."""
+    """Loss (train and validation), learning rate and, when images were seen, the visual tokens' scale against
+    step, one PNG. The visual-token panel shows their RMS over the word embeddings' (each step) and the cosine
+    of their hidden state after the last layer with their input (each validation): far above 1 and near 1
+    mean the LLM carries them through its layers untransformed."""
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
     if not train:
@@ -78,7 +81,10 @@ def plot_run(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    visual = [r for r in rows if "visual_rms_ratio" in r]
+    panels = 3 if visual else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[1]
     for stage in dict.fromkeys(r.get("stage", "") for r in train):
         pts = [r for r in train if r.get("stage", "") == stage]
         ax_loss.plot([r["step"] for r in pts], [r["loss"] for r in pts], label=f"train {stage}")
@@ -90,7 +96,55 @@ def plot_run(metrics_path: Path, out_png: Path) -> Path | None:
     ax_loss.set_yscale("log")
     ax_loss.legend()
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("optimizer step")
+    if visual:
+        ax_vis = axes[2]
+        ax_vis.plot([r["step"] for r in visual], [r["visual_rms_ratio"] for r in visual], color="#4c78a8")
+        ax_vis.axhline(1.0, color="#4c78a8", linestyle=":", linewidth=1)
+        ax_vis.set_yscale("log")
+        ax_vis.set_ylabel("visual RMS / word RMS", color="#4c78a8")
+        cos = [r for r in rows if r.get("val_visual_cos")]
+        if cos:
+            twin = ax_vis.twinx()
+            steps = [r["step"] for r in cos]
+            twin.plot(steps, [r["val_visual_cos"][-1] for r in cos], "o-", color="#e45756", label="visual")
+            twin.plot(steps, [r["val_text_cos"][-1] for r in cos], "s--", color="#72b7b2", label="text")
+            twin.set_ylim(-0.1, 1.05)
+            twin.set_ylabel("cos(last layer, input)", color="#e45756")
+            twin.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def plot_learning_curves(
+    metrics_path: Path, out_png: Path, targets: dict[str, float] | None = None
+) -> Path | None:
+    """Task accuracy against optimizer step from the generation hook's `gen_*` metrics (`train.eval_generation`),
+    one line per metric, targets dashed; None when the run logged none."""
+    rows = [r for r in read_metrics(metrics_path) if any(k.startswith("gen_") for k in r)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("gen_")]
+    names = [k for k in names if not k.startswith(("gen_pope_precision", "gen_pope_recall"))]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in names:
+        pts = [r for r in rows if isinstance(r.get(name), int | float)]
+        line = ax.plot([r["step"] for r in pts], [r[name] for r in pts], "o-", label=name[4:])[0]
+        target = (targets or {}).get(name[4:])
+        if target is not None:
+            ax.axhline(target, color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation score (generated answers)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
+    ax.set_title("learning curves (dashed: targets)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -278,6 +278,7 @@ class Trainer:
         self.recipe.model.vision.path = str(out)
         if self._given_model is not None:
             self._given_model.vision.load_weights(out)
+        _use_pretrained_detector(self.recipe, out, self._given_model)
 
     def _model_for_stage(self, index: int) -> VisionLanguageModel:
         """Stage 0: `init_from` or the recipe's model; later stages: the previous stage's saved model."""
@@ -323,6 +324,8 @@ class Trainer:
         rest = None
         if self._resume_from is not None:  # full weights go into the plain model, before any sharding
             _, rest = load_checkpoint(self._resume_from, model)
+        embed_rms = model.word_embedding_rms()  # before sharding: the scale visual tokens are compared with
+        loud_warned = False
         wrapped = self.strategy.wrap(model)
         # grouped after wrapping: FSDP replaces the parameters by sharded ones (same names, same order)
         optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
@@ -350,6 +353,7 @@ class Trainer:
         with bar:
             while progress.stage_step < total:
                 model.train()
+                model.visual_rms = None
                 loss_sum, tokens, samples = 0.0, 0, 0
                 for micro in range(stage.grad_accum):
                     batch, progress.epoch, progress.batch_pos = data.next_batch(
@@ -390,6 +394,18 @@ class Trainer:
                     "samples": samples,
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }
+                if model.visual_rms is not None:  # the step's visual tokens against the word embeddings
+                    record["visual_rms_ratio"] = float(model.visual_rms) / max(embed_rms, 1e-12)
+                    if record["visual_rms_ratio"] > LOUD_VISUAL_TOKENS and not loud_warned:
+                        loud_warned = True
+                        log.warning(
+                            "stage '%s': visual tokens are %.0fx as large (RMS) as the LLM's word embeddings; "
+                            "a pre-norm LLM carries such tokens through its layers almost unchanged "
+                            "(see val_visual_cos in metrics.jsonl). bridge.out_norm or a word bridge "
+                            "(vocab_mixture, object_slots) keeps them at the word scale",
+                            stage.name,
+                            record["visual_rms_ratio"],
+                        )
                 if self.metrics and (
                     progress.stage_step % cfg.log_every == 0 or progress.stage_step == total
                 ):
@@ -460,6 +476,7 @@ class Trainer:
         log.info("stage '%s' step %d: val_loss %.4f", stage.name, progress.stage_step, val)
         if self.metrics:
             self.metrics.write({"step": progress.global_step, "stage": stage.name, "val_loss": val})
+        self._visual_stats(model, batches[0], stage, progress, autocast)
         if self.generation_hook is not None and self.strategy.world == 1:
             inner = self.strategy.unwrap(model).eval()
             with torch.no_grad():
@@ -479,6 +496,41 @@ class Trainer:
                         **{f"gen_{k}": v for k, v in scores.items()},
                     }
                 )
+
+    def _visual_stats(
+        self, model: Any, batch: dict[str, Any], stage: StageConfig, progress: Progress, autocast: Any
+    ) -> None:
+        """How the LLM reads the visual tokens of one validation batch (rank 0; not under FSDP, whose root
+        parameters are gathered only inside `forward`): their RMS against the word embeddings' and, per
+        layer, the cosine of their hidden state with their input (`VisionLanguageModel.visual_token_stats`)."""
+        inner = getattr(model, "module", model if self.strategy.world == 1 else None)  # DDP or single
+        if inner is None or not self.strategy.is_main:
+            return
+        inner.eval()
+        with autocast:
+            stats = inner.visual_token_stats(**batch)
+        model.train()
+        if not stats or not stats["visual_cos"]:
+            return
+        vis, txt = stats["visual_cos"], stats["text_cos"]
+        picks = sorted({0, len(vis) // 2, len(vis) - 1})
+        log.info(
+            "stage '%s' step %d: visual tokens at %.2fx the word-embedding RMS; cosine with their input after "
+            "layers %s: %s (text tokens: %s)",
+            stage.name, progress.stage_step, stats["visual_rms_ratio"],
+            "/".join(str(i + 1) for i in picks), " / ".join(f"{vis[i]:.2f}" for i in picks),
+            " / ".join(f"{txt[i]:.2f}" for i in picks),
+        )  # fmt: skip
+        if self.metrics:
+            self.metrics.write(
+                {
+                    "step": progress.global_step,
+                    "stage": stage.name,
+                    "val_visual_rms_ratio": stats["visual_rms_ratio"],
+                    "val_visual_cos": vis,
+                    "val_text_cos": txt,
+                }
+            )
 
     def _checkpoint(self, model: Any, optimizer: Any, scheduler: Any, index: int, progress: Progress) -> None:
         weights, optim_state = self.strategy.gather_state(model, optimizer)
@@ -510,6 +562,25 @@ class Trainer:
             shutil.rmtree(self.ckpt_root)
 
 
+LOUD_VISUAL_TOKENS = 10.0  # visual-token RMS over the word-embedding RMS above which a stage warns once
+
+
+def _use_pretrained_detector(recipe: RecipeConfig, out: Path, model: VisionLanguageModel | None) -> None:
+    """After tower pretraining: a word bridge whose detection head has no `detector.path` takes the head the
+    pretraining saved in `out` (and an already built model loads it)."""
+    from vlmkit.models.detection import HEAD_WEIGHTS, DetectionHead
+    from vlmkit.models.word_bridges import uses_detector
+
+    bridge = recipe.model.bridge
+    if not uses_detector(bridge) or bridge.detector.path or not (out / HEAD_WEIGHTS).is_file():
+        return
+    bridge.detector.path = str(out)
+    if model is not None:
+        for module in model.bridge.modules():
+            if isinstance(module, DetectionHead):
+                module.load(out)
+
+
 def _pretrain_config(recipe: RecipeConfig) -> Any:
     """The recipe's `pretrain_vision` section as a validated PretrainVisionConfig on the recipe's tower."""
     if recipe.pretrain_vision is None:
@@ -521,7 +592,13 @@ def _pretrain_config(recipe: RecipeConfig) -> Any:
         raise ValueError(
             f"pretrain_vision trains the project's `vit` tower, not '{recipe.model.vision.kind}'"
         )
-    cfg = from_dict(PretrainVisionConfig, dict(recipe.pretrain_vision), "pretrain_vision")
+    section = dict(recipe.pretrain_vision)
+    detector = getattr(recipe.model.bridge, "detector", None)  # word bridges' detection head
+    if (
+        detector is not None and detector.groups and "label_groups" not in section
+    ):  # the head the bridge expects is the one trained
+        section["label_groups"] = {k: list(v) for k, v in detector.groups.items()}
+    cfg = from_dict(PretrainVisionConfig, section, "pretrain_vision")
     vision = dataclasses.replace(recipe.model.vision, path=None)
     return dataclasses.replace(cfg, vision=vision)
 

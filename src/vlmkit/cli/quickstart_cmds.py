@@ -9,7 +9,7 @@ from pathlib import Path
 def _quickstart(args: argparse.Namespace) -> int:
     from vlmkit.shapesworld.quickstart import print_report, run_quickstart
 
-    results = run_quickstart(args.out, tiny=args.tiny, overrides=args.set, resume=args.resume)
+    results = run_quickstart(args.out, tiny=args.tiny, overrides=args.set, resume=args.resume, seed=args.seed)
     print_report(results, Path(args.out))
     return 0
 
@@ -22,4 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny random LLM: the whole path in seconds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides of the recipe")
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart in --out")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="one seed for the generated data, the tower pretraining and training (default: the recipe's, 0)",
+    )
     p.set_defaults(func=_quickstart)

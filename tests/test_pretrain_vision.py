@@ -297,3 +297,18 @@ def test_progress_bar_shows_only_the_losses_that_train(contrastive):
     text = console.export_text()
     assert "step 7" in text and "dense 0.125" in text
     assert ("loss 0.500" in text and "acc 0.25" in text) == contrastive, text
+
+
+def test_vision_config_written_before_per_kind_configs_still_loads(tmp_path):
+    """A pretrain-vision directory from before each tower kind had its own config (its vision_config.json
+    holds every tower's keys, e.g. `hf_config`, `towers`) loads as the `vit` config it describes."""
+    old = {
+        "kind": "vit", "path": None, "hf_config": None, "select_layer": -1, "drop_prefix_tokens": True,
+        "image_size": 32, "resolution": None, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "vit": {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 4.0, "patch_size": 8, "cls_token": True},
+        "towers": [],
+    }  # fmt: skip
+    (tmp_path / "vision_config.json").write_text(json.dumps(old))
+    cfg = load_vision_config(tmp_path)
+    assert cfg.kind == "vit" and cfg.vit.dim == 32 and cfg.select_layer == -1
+    assert cfg.path == str(tmp_path.resolve())

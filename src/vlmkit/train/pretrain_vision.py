@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vlmkit.config import VisionConfig, from_dict, save_yaml, to_dict
+from vlmkit.config import VisionConfig, drop_unknown_keys, from_dict, save_yaml, to_dict
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.models.detection import DetectionHead
@@ -780,6 +780,7 @@ def save_pretrained(
 def load_vision_config(out_dir: str | Path) -> VisionConfig:
     """The `VisionConfig` saved by `pretrain_vision`, with `path` pointing at `out_dir` (for a recipe)."""
     data = json.loads((Path(out_dir) / VISION_CONFIG_FILE).read_text())
+    data = drop_unknown_keys(VisionConfig, data)  # written before each tower kind had its own config
     return replace(from_dict(VisionConfig, data), path=str(Path(out_dir).resolve()))
 
 

@@ -144,7 +144,10 @@ class ProcessorConfig:
     `template`: the tokenizer's own chat template (`auto`), `chatml`, `vicuna_v1`, `plain` or a jinja string.
     `resize`: `resize` (stretch), `pad` (letterbox, LLaVA-1.5), `crop` (centre crop, CLIP) or `anyres` (a global
     view + grid tiles from `anyres_grid`, (width, height) pairs that are multiples of the tower's input size;
-    default 2x1, 1x2 and 2x2 tiles). `max_image_pixels` / `max_image_bytes` bound every image decoded.
+    default 2x1, 1x2 and 2x2 tiles). `anyres_layout` (with `anyres`): `tiles` (every tile's tokens, in tile
+    order) or `llava_next` (LLaVA-NeXT: the global view's tokens, then the tile grid's token map with its
+    padding cut off and a learned `image_newline` token after each row, so the token count depends on the
+    image's size). `max_image_pixels` / `max_image_bytes` bound every image decoded.
     `grounding_format`: the box format the model is taught (qwen | kosmos2 | shikra | pixel; None: parse any).
     """
 
@@ -152,6 +155,7 @@ class ProcessorConfig:
     system_prompt: str | None = None
     resize: str = "resize"
     anyres_grid: list[list[int]] = field(default_factory=list)
+    anyres_layout: str = "tiles"
     grounding_format: str | None = None
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 32 * 2**20

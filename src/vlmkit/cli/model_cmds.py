@@ -7,15 +7,19 @@ from pathlib import Path
 
 
 def _export(args: argparse.Namespace) -> int:
-    from vlmkit.models.hf_export import ExportError, export_hf
+    from vlmkit.models.hf_export import ExportError, export_hf, export_plan
     from vlmkit.models.vlm import VisionLanguageModel
 
     model = VisionLanguageModel.from_pretrained(args.model_dir)
     try:
+        plan = export_plan(model)
         out = export_hf(model, args.out_dir)
     except ExportError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {out} (transformers LlavaForConditionalGeneration + processor; vLLM: vllm serve {out})")
+    print(
+        f"wrote {out} (transformers {plan.architecture} + processor with the training preprocessing and chat "
+        f"template; vLLM: python -m vllm.entrypoints.openai.api_server --model {out})"
+    )
     return 0
 
 
@@ -63,12 +67,16 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export-hf", help="export a vlmkit model to transformers Llava (and vLLM)")
+    p = subparsers.add_parser(
+        "export-hf", help="export a vlmkit model to transformers Llava / LlavaNext (and vLLM)"
+    )
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=_export)
 
-    p = subparsers.add_parser("import-hf", help="import a transformers Llava checkpoint directory")
+    p = subparsers.add_parser(
+        "import-hf", help="import a transformers Llava / LlavaNext checkpoint directory"
+    )
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=_import)

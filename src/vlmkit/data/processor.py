@@ -23,7 +23,13 @@ from vlmkit import __version__
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
 from vlmkit.constants import IMAGE_MARKER
 from vlmkit.data.formats import Message, Sample
-from vlmkit.data.grounding import Box, box_to_model_input, box_to_original, parse_boxes
+from vlmkit.data.grounding import (
+    Box,
+    box_to_model_input,
+    box_to_original,
+    boxes_to_model_input_text,
+    parse_boxes,
+)
 from vlmkit.data.images import (
     AnyResLayout,
     ImageTransform,
@@ -35,7 +41,7 @@ from vlmkit.data.images import (
     square_transform,
     to_tensor,
 )
-from vlmkit.data.prompts import EncodedSample, encode_sample, render_prompt
+from vlmkit.data.prompts import EncodedSample, _as_message, encode_sample, render_prompt
 from vlmkit.templates import resolve_template
 
 PROCESSOR_NAME = "processor_config.json"
@@ -247,6 +253,10 @@ class Processor:
         dropped to fit `max_length`); raises `SampleError` with a reason when it cannot be used. `sizes`:
         each image's (width, height) (needed by the `llava_next` layout; tile counts follow from them)."""
         tiles, counts = self._counts(num_tiles, sizes)
+        if sizes is not None:  # boxes written for the original images -> as the model sees them
+            sample = dataclasses.replace(
+                sample, messages=self.boxes_to_input_messages(sample.messages, sizes)
+            )
         enc = encode_sample(
             sample,
             self.tokenizer,
@@ -271,6 +281,8 @@ class Processor:
         """The exact prompt text of a conversation (generation prompt added, placeholders expanded); each
         image's placeholders from its `sizes` (width, height) or, where that is enough, its tile count."""
         tiles, counts = self._counts(num_tiles, sizes)
+        if sizes is not None:
+            messages = self.boxes_to_input_messages(messages, sizes)
         return render_prompt(
             messages,
             self.tokenizer,
@@ -328,6 +340,32 @@ class Processor:
     def box_to_input(self, box: Box, layout: Layout) -> Box:
         """A box on the original image -> on the model input (what a grounding answer is written in)."""
         return box_to_model_input(box, layout)
+
+    def boxes_to_input_messages(
+        self, messages: Sequence[Message | dict[str, Any]], sizes: Sequence[tuple[int, int]]
+    ) -> list[Message]:
+        """The conversation with every box in its text (written, in `grounding_format`, for the original image
+        of `sizes`) rewritten for the model input, through the resize mode's layout (`pad` offsets, `crop`
+        window, AnyRes global view): the frame answers are decoded from by `boxes_to_original`. A text part
+        refers to the latest image before it (the first image when none precedes it). Unchanged without a
+        `grounding_format` (text in an unknown format is not rewritten) or images."""
+        msgs = [_as_message(m) for m in messages]
+        fmt = self.cfg.grounding_format
+        if fmt is None or not sizes:
+            return msgs
+        layouts = [self.images.layout((int(w), int(h))) for w, h in sizes]
+        out, seen = [], 0
+        for msg in msgs:
+            parts = []
+            for part in msg.content:
+                if part["type"] == "image":
+                    seen += 1
+                elif msg.role != "system":
+                    layout = layouts[min(max(seen - 1, 0), len(layouts) - 1)]
+                    part = {**part, "text": boxes_to_model_input_text(part["text"], fmt, layout)}
+                parts.append(part)
+            out.append(Message(msg.role, parts))
+        return out
 
     # -------------------------------------------------------------------------------------- save / load
     def to_dict(self) -> dict[str, Any]:

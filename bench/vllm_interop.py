@@ -264,13 +264,15 @@ def streamed(base_url: str, url: str, max_tokens: int) -> tuple[float, float, in
     return (first if first is not None else total), total, tokens
 
 
-def measure(base_url: str, url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
-    """`requests` streaming requests from `clients` concurrent clients: tokens/s over the wall time, the mean
-    and the worst time to first token."""
-    streamed(base_url, url, 4)  # warm-up
+def measure(base_url: str, urls: list[str], clients: int, max_tokens: int) -> dict[str, float]:
+    """One streaming request per image of `urls` (distinct images: no prefix or encoder cache hits across
+    requests) from `clients` concurrent clients: tokens/s over the wall time, the mean and the worst time to
+    first token."""
+    streamed(base_url, image_url(999), 4)  # warm-up
+    requests = len(urls)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: streamed(base_url, url, max_tokens), range(requests)))
+        results = list(pool.map(lambda u: streamed(base_url, u, max_tokens), urls))
     wall = time.perf_counter() - start
     tokens = sum(r[2] for r in results)
     ttft = [r[0] for r in results]
@@ -330,7 +332,8 @@ def main() -> int:
             log(f"{name} ready after {time.perf_counter() - started:.0f} s")
             answers[name] = greedy(base, url, args.max_tokens)
             log(f"{name} answer: {answers[name]}")
-            speeds[name] = [measure(base, url, c, args.requests, args.max_tokens) for c in (1, 8)]
+            urls = [image_url(seed) for seed in range(1, args.requests + 1)]
+            speeds[name] = [measure(base, urls, c, args.max_tokens) for c in (1, 8)]
             log(f"{name}: {json.dumps(speeds[name])}")
         finally:
             stop(proc)

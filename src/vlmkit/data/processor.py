@@ -131,6 +131,8 @@ class ImageProcessor:
             "mean": [float(x) for x in self.mean],
             "std": [float(x) for x in self.std],
             "anyres_grid": [list(g) for g in self.grid] if self.resize == "anyres" else [],
+            # `pad` became expand2square-then-resize (as LLaVA-1.5): features cached before are stale
+            **({"pad": "expand2square"} if self.resize == "pad" else {}),
         }
 
 

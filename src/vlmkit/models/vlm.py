@@ -54,11 +54,9 @@ class VisionLanguageModel(nn.Module):
         self.fusion = build_fusion(llm, cfg.fusion)  # how visual tokens enter the LLM (FUSIONS registry)
         if self.llava_next:  # LLaVA-NeXT: a learned token after each row of the unpadded tile grid
             _check_llava_next(cfg)
-            dim = llm.hidden_size
-            newline = (
-                torch.randn(dim, dtype=llm.embeddings.weight.dtype) / dim**0.5
-            )  # as transformers inits it
-            bridge.register_parameter("image_newline", nn.Parameter(newline))  # trains with the bridge
+            dim = llm.hidden_size  # initialised as transformers does; trains with the bridge
+            newline = torch.randn(dim, dtype=llm.embeddings.weight.dtype) / dim**0.5
+            bridge.register_parameter("image_newline", nn.Parameter(newline))
         self.adapters: nn.Module | None = None
         if cfg.adapters is not None:
             from vlmkit.models.adapters import LLMAdapters

@@ -19,7 +19,7 @@
 4. Measures both servers, one at a time, with 1 and 8 concurrent streaming clients: output tokens/s (all
    clients together) and time to first token.
 
-    .venv/bin/python bench/vllm_interop.py [--max-tokens 32] [--requests 8] [--keep DIR]
+    .venv/bin/python bench/vllm_interop.py [--max-tokens 32] [--requests 8] [--keep DIR] [--anyres] [--check-only]
 
 Not part of `make test`: the first run downloads ~1 GB. The last line is `vllm/vlmkit tokens/s ratio: ...`.
 """
@@ -132,21 +132,32 @@ def ensure_vllm_venv(venv: Path = DEFAULT_VENV, package: str = VLLM_PACKAGE) -> 
 
 
 # ----------------------------------------------------------------------------------------------- model
-def build_and_export(work: Path) -> tuple[Path, Path]:
-    """Save a small SmolLM2 + CLIP + MLP vlmkit model and export it unmodified; returns (vlmkit dir, export)."""
+def build_and_export(work: Path, anyres: bool = False) -> tuple[Path, Path]:
+    """Save a small SmolLM2 + CLIP + MLP vlmkit model and export it unmodified; returns (vlmkit dir, export).
+    `anyres`: LLaVA-NeXT's AnyRes layout with the vicuna_v1 template (a LlavaNext export)."""
     import torch
 
     from vlmkit.cli import main as vlmkit_main
-    from vlmkit.config import BridgeConfig, LLMConfig, ModelConfig, VisionConfig
+    from vlmkit.config import BridgeConfig, LLMConfig, ModelConfig, ProcessorConfig, VisionConfig
     from vlmkit.models.vlm import VisionLanguageModel
 
     torch.manual_seed(0)
+    processor = ProcessorConfig()
+    if anyres:
+        grid = [[448, 224], [224, 448], [448, 448]]
+        processor = ProcessorConfig(
+            resize="anyres", anyres_grid=grid, anyres_layout="llava_next", template="vicuna_v1"
+        )
     cfg = ModelConfig(
         vision=VisionConfig.make("hf", hf_config=CLIP),
         bridge=BridgeConfig.make("mlp"),
         llm=LLMConfig.make("smollm2"),
+        processor=processor,
     )
     model = VisionLanguageModel.from_config(cfg).eval()
+    if anyres:  # a visible newline token (it starts small and random)
+        with torch.no_grad():
+            model.bridge.image_newline.normal_(0.0, 1.0)
     ours = Path(model.save_pretrained(work / "vlmkit-model"))
     vlmkit_main(["export-hf", str(ours), str(work / "hf-export")])
     return ours, work / "hf-export"
@@ -305,6 +316,8 @@ def main() -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="work directory to keep (default: a temp dir)"
     )
+    parser.add_argument("--anyres", action="store_true", help="AnyRes (llava_next) + vicuna_v1: a LlavaNext")
+    parser.add_argument("--check-only", action="store_true", help="compare the greedy answers only")
     args = parser.parse_args()
 
     python = ensure_vllm_venv(args.venv)
@@ -314,7 +327,7 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="vllm-interop-"))
     work.mkdir(parents=True, exist_ok=True)
     log(f"work dir {work}; load average {load_average()} on {os.cpu_count()} cores")
-    ours, export = build_and_export(work)
+    ours, export = build_and_export(work, args.anyres)
     url = image_url()
     report: dict[str, object] = {"load_average_start": load_average()}
     speeds: dict[str, list[dict[str, float]]] = {}
@@ -332,9 +345,10 @@ def main() -> int:
             log(f"{name} ready after {time.perf_counter() - started:.0f} s")
             answers[name] = greedy(base, url, args.max_tokens)
             log(f"{name} answer: {answers[name]}")
-            urls = [image_url(seed) for seed in range(1, args.requests + 1)]
-            speeds[name] = [measure(base, urls, c, args.max_tokens) for c in (1, 8)]
-            log(f"{name}: {json.dumps(speeds[name])}")
+            if not args.check_only:
+                urls = [image_url(seed) for seed in range(1, args.requests + 1)]
+                speeds[name] = [measure(base, urls, c, args.max_tokens) for c in (1, 8)]
+                log(f"{name}: {json.dumps(speeds[name])}")
         finally:
             stop(proc)
     report.update(answers=answers, speeds=speeds, load_average_end=load_average())
@@ -344,8 +358,12 @@ def main() -> int:
     print(
         f"greedy answers equal: {same} (prompt tokens vllm {answers['vllm'][1]}, vlmkit {answers['vlmkit'][1]})"
     )
-    ratios = [v["tokens_per_s"] / k["tokens_per_s"] for v, k in zip(speeds["vllm"], speeds["vlmkit"])]
-    print("vllm/vlmkit tokens/s ratio: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in zip((1, 8), ratios)))
+    if speeds:
+        ratios = [v["tokens_per_s"] / k["tokens_per_s"] for v, k in zip(speeds["vllm"], speeds["vlmkit"])]
+        print(
+            "vllm/vlmkit tokens/s ratio: "
+            + ", ".join(f"{c} clients {r:.2f}x" for c, r in zip((1, 8), ratios))
+        )
     return 0 if same else 1
 
 

@@ -57,6 +57,13 @@ def _info(args: argparse.Namespace) -> int:
         f"visual tokens per image: {model.tokens_per_image()}  "
         f"(tower {model.vision.num_patches()} patches -> bridge {type(model.bridge).__name__})"
     )
+    if model.llava_next:  # LLaVA-NeXT layout: the count follows the image's size
+        proc, s = model.processor, model.vision.image_size
+        examples = ", ".join(
+            f"{w}x{h}: {proc.image_tokens(proc.images.layout((w, h)))}"
+            for w, h in ((s, s), (2 * s, s), (3 * s, 2 * s))
+        )
+        console.print(f"anyres_layout llava_next: tokens per image follow its size ({examples})")
     size = model.vision.image_size
     console.print(
         f"GPT-4V/4o would count an image of the model's input size {size}x{size} as "

@@ -20,6 +20,7 @@ from vlmkit.infer.generate import Predictor
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -196,20 +197,6 @@ def _check_resume(out: Path, prov: dict[str, Any]) -> None:
         )
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 def run_eval(
     model: VisionLanguageModel | Predictor,
     benchmark: Benchmark,
@@ -267,7 +254,7 @@ def run_eval(
             len(keys & set(done)),
             len(items),
         )
-    with _progress(progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task(f"eval {benchmark.name}", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]

@@ -21,6 +21,7 @@ from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.progress import progress_bar
+from vlmkit.templates import resolve_template
 
 log = get_logger(__name__)
 
@@ -142,8 +143,6 @@ def provenance(
 ) -> dict[str, Any]:
     """Everything a result depends on: model (path + config hash), benchmark files (sha256), prompt template,
     decoding, judge, versions, seed and time."""
-    from vlmkit.data.prompts import resolve_template
-
     prov: dict[str, Any] = {"time": _now(), "seed": seed, "versions": versions()}
     prov["benchmark"] = {
         "name": benchmark.name,

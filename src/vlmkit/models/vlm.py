@@ -21,6 +21,7 @@ from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeom
 from vlmkit.faults import kill_point
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
+from vlmkit.models.adapters import LLMAdapters
 from vlmkit.models.bridges import Bridge, build_bridge
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
@@ -52,8 +53,6 @@ class VisionLanguageModel(nn.Module):
         self.fusion = build_fusion(llm, cfg.fusion)  # how visual tokens enter the LLM (FUSIONS registry)
         self.adapters: nn.Module | None = None
         if cfg.adapters is not None:
-            from vlmkit.models.adapters import LLMAdapters
-
             self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
 
     # ------------------------------------------------------------------------------------- building

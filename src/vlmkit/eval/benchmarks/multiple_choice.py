@@ -20,6 +20,7 @@ from vlmkit.eval.benchmarks.base import (
     read_rows,
     register,
 )
+from vlmkit.eval.choice import constrained_choice, option_logprobs
 from vlmkit.infer.generate import Predictor
 from vlmkit.models.generation import GenerationConfig
 
@@ -116,8 +117,6 @@ class MultipleChoice(Benchmark):
     ) -> list[Prediction]:
         if self.mode == "generate":
             return super().predict(predictor, items, config)
-        from vlmkit.eval.choice import constrained_choice, option_logprobs
-
         model, tok = predictor.model, predictor.model.tokenizer
         out = []
         for item in items:

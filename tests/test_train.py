@@ -213,3 +213,47 @@ def test_recipe_tower_pretraining_reruns_only_when_its_settings_change(tmp_path)
     assert run(2)["steps"] == 2  # same settings: the pretrained tower is reused as it is
     assert (tmp_path / "vision-pretrain" / "vision.safetensors").stat().st_mtime_ns == stamp
     assert run(3)["steps"] == 3  # other settings: pretrained again, not silently reused
+
+
+# ------------------------------------------------------------------------------------- data problems, said
+def _own_file(path, n_good: int, n_bad: int = 0) -> str:
+    """A LLaVA JSONL of text-only records with no `task` field, then `n_bad` records without an answer."""
+    rows = [
+        {
+            "id": f"g{i}",
+            "conversations": [{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": "A."}],
+        }
+        for i in range(n_good)
+    ]
+    rows += [{"id": f"b{i}", "conversations": [{"from": "human", "value": "Q?"}]} for i in range(n_bad)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_too_many_bad_samples_is_a_message_not_a_traceback(tmp_path):
+    data = _own_file(tmp_path / "mine.jsonl", 16, 8)
+    with pytest.raises(SystemExit) as err:
+        main(
+            [
+                "train",
+                TINY,
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"data.train={data}",
+                "stages.0.tasks=[]",
+            ]
+        )
+    message = str(err.value)
+    assert message.startswith("error: ") and "mine.jsonl" in message and "max_bad" in message
+    assert "no_assistant_turn" in message
+
+
+def test_a_task_filter_that_keeps_nothing_names_the_filter_and_the_tasks_found(tmp_path):
+    data = _own_file(tmp_path / "mine.jsonl", 16)  # configs/tiny.yaml's stage 0 keeps `tasks: [caption]`
+    with pytest.raises(SystemExit) as err:
+        main(["train", TINY, "--out", str(tmp_path / "run"), "--set", f"data.train={data}"])
+    message = str(err.value)
+    assert message.startswith("error: ") and "mine.jsonl" in message
+    assert "tasks" in message and "caption" in message  # the filter
+    assert "16 records have no `task` field" in message  # what the file holds

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from vlmkit.config import LLMConfig
 from vlmkit.log import get_logger
+from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
 from vlmkit.registry import Registry
 from vlmkit.templates import CHATML_TEMPLATE  # noqa: F401  (re-exported)
 
@@ -132,8 +133,6 @@ TINY_LLAMA = {
 @LLM_LOADERS.register("tiny", config=TinyLLMConfig, tiny=lambda: {"tiny": TinyLLMConfig(kind="tiny")})
 def load_tiny(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """A tiny random Llama-style LM with a small byte-level BPE tokenizer trained offline (for tests)."""
-    from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
-
     tokenizer = tokenizer or build_tiny_tokenizer()
     hf_config = {**TINY_LLAMA, **(cfg.hf_config or {})}
     hf_config.setdefault("vocab_size", len(tokenizer))

@@ -23,6 +23,7 @@ from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeom
 from vlmkit.faults import kill_point
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
+from vlmkit.models.adapters import LLMAdapters
 from vlmkit.models.bridges import Bridge, build_bridge
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
@@ -59,8 +60,6 @@ class VisionLanguageModel(nn.Module):
             bridge.register_parameter("image_newline", nn.Parameter(newline))
         self.adapters: nn.Module | None = None
         if cfg.adapters is not None:
-            from vlmkit.models.adapters import LLMAdapters
-
             self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
 
     # ------------------------------------------------------------------------------------- building

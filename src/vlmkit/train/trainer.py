@@ -8,7 +8,6 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ from vlmkit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vlmkit.train.hooks import GENERATION_HOOKS, GenerationHook
 from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
 from vlmkit.train.schedule import build_scheduler
-from vlmkit.train.stages import apply_stage, merge_lora, param_groups
+from vlmkit.train.stages import apply_stage, check_requirements, merge_lora, param_groups
 
 log = get_logger(__name__)
 
@@ -95,6 +95,7 @@ class Trainer:
             raise ValueError(
                 "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
             )
+        check_requirements(recipe)  # e.g. QLoRA without CUDA: refused before any work
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume
@@ -106,7 +107,7 @@ class Trainer:
         self._given_model = model
         self.generation_hook = generation_hook
         if generation_hook is None and recipe.train.eval_generation > 0:
-            self.generation_hook = TaskGenerationHook(recipe, self.out)
+            self.generation_hook = GENERATION_HOOKS.get(recipe.train.eval_hook)(recipe, self.out)
         self._pretrain_cfg = _pretrain_config(recipe)  # fails on a mistyped key before any work
 
     # ------------------------------------------------------------------------------------------- run
@@ -424,6 +425,7 @@ class Trainer:
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
                 kill_point("step_done")
+        data.close()  # the data-loader workers
         self._validate(wrapped, data, stage, progress, autocast)
         kill_point("stage_validated")
         del wrapped, optimizer
@@ -506,36 +508,6 @@ class Trainer:
         """After a stage's model is saved, its mid-stage checkpoints are no longer needed for resume."""
         if self.ckpt_root.is_dir():
             shutil.rmtree(self.ckpt_root)
-
-
-GenerationHook = Callable[[VisionLanguageModel, StageConfig, int], dict[str, float]]
-
-
-class TaskGenerationHook:
-    """Generates answers for the first N validation records and scores them by task (ShapesWorld-style
-    records with `task` / `answer` / `meta`): a generation metric next to the validation loss."""
-
-    def __init__(self, recipe: RecipeConfig, run_dir: Path) -> None:
-        self.recipe, self.run_dir = recipe, run_dir
-
-    def __call__(self, model: VisionLanguageModel, stage: StageConfig, step: int) -> dict[str, float]:
-        import json
-
-        from vlmkit.eval.shapesworld import evaluate_shapesworld
-        from vlmkit.train.data import prepare_data
-
-        data = prepare_data(self.recipe.data, self.run_dir)
-        source = stage.val_file or data.val
-        if not source:
-            return {}
-        subset = self.run_dir / "eval-generation" / "val-subset.json"
-        if not subset.is_file():
-            subset.parent.mkdir(parents=True, exist_ok=True)
-            records = json.loads(Path(source).read_text())[: self.recipe.train.eval_generation]
-            subset.write_text(json.dumps(records))
-        image_root = data.image_root or str(Path(source).parent)
-        scores = evaluate_shapesworld(model.eval(), subset, image_root, batch_size=16, max_new_tokens=48)
-        return {k: float(v) for k, v in scores.items() if not k.startswith("n_") and v is not None}
 
 
 def _pretrain_config(recipe: RecipeConfig) -> Any:

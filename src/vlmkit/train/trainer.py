@@ -486,13 +486,13 @@ def record_processor(model: VisionLanguageModel, recipe: RecipeConfig) -> None:
 
 
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
+    """Activation checkpointing of the LLM's decoder layers and of the vision tower's blocks."""
     inner = model.llm.model
     if hasattr(inner, "gradient_checkpointing_enable"):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
-    if hasattr(model.vision, "gradient_checkpointing"):
-        model.vision.gradient_checkpointing = True
+    model.vision.enable_gradient_checkpointing()
 
 
 def _progress_bar(enabled: bool):

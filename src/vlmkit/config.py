@@ -251,7 +251,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # the training step's speed (docs/training.md, "Where a step's time goes"):
     attention: str = "auto"  # LLM attention kernel: auto (eager on CPU, sdpa on CUDA) | eager | sdpa
-    frozen_bf16: str = "linear"  # under bf16 autocast, frozen LLM weights stored in bf16: linear | all | off
+    frozen_bf16: str = "all"  # under bf16 autocast, frozen LLM weights stored in bf16: all | linear | none
     compile: bool = False  # torch.compile each LLM decoder layer
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only

@@ -18,7 +18,7 @@ from vlmkit.precision import frozen_to_bf16, resolve_precision
 log = get_logger(__name__)
 
 ATTENTION = ("auto", "sdpa", "eager")
-FROZEN_BF16 = ("off", "linear", "all")
+FROZEN_BF16 = ("none", "linear", "all")
 
 
 def attention_for(setting: str, device: torch.device) -> str:
@@ -39,6 +39,7 @@ class StepSpeedup:
     attention: tuple[str, str] | None = None  # (before, during training)
     bf16: list[tuple[nn.Parameter, torch.dtype]] = field(default_factory=list)
     compiled: list[nn.Module] = field(default_factory=list)
+    uncast: list[nn.Module] = field(default_factory=list)  # LoRA layers that no longer cast their input
 
     def describe(self) -> str:
         parts = []
@@ -47,6 +48,8 @@ class StepSpeedup:
         if self.bf16:
             n = sum(p.numel() for p, _ in self.bf16)
             parts.append(f"{n / 1e6:.1f}M frozen weights stored in bf16")
+        if self.uncast:
+            parts.append(f"{len(self.uncast)} LoRA layers take autocast's dtype")
         if self.compiled:
             parts.append(f"{len(self.compiled)} compiled decoder layers")
         return ", ".join(parts) or "no changes"
@@ -76,6 +79,9 @@ class StepSpeedup:
         if self.attention:
             self.model.llm.set_attention(self.attention[0])
             self.attention = None
+        for layer in self.uncast:
+            layer.cast_input_dtype_enabled = True
+        self.uncast = []
         for layer in self.compiled:
             layer._compiled_call_impl = None  # nn.Module.compile's handle: back to the eager forward
         self.compiled = []
@@ -94,10 +100,15 @@ def speed_up(model: Any, cfg: TrainConfig, device: torch.device, sharded: bool =
         model.llm.set_attention(wanted)
         done.attention = (before, model.llm.attention)
     bf16_autocast = resolve_precision(cfg.precision, device.type) == "bf16"
-    if cfg.frozen_bf16 != "off" and bf16_autocast and not sharded:
+    if cfg.frozen_bf16 != "none" and bf16_autocast and not sharded:
         linear = cfg.frozen_bf16 == "linear"  # an LM head tied to the embeddings stays with them (fp32)
         skip = {id(model.llm.embeddings.weight)} if linear else set()
         done.bf16 = frozen_to_bf16(model.llm, linear_only=linear, skip=skip)
+    if bf16_autocast:  # peft casts a LoRA layer's input to its fp32 weights' dtype, autocast casts it back
+        for layer in model.llm.modules():
+            if getattr(layer, "cast_input_dtype_enabled", False):  # peft's switch for that cast
+                layer.cast_input_dtype_enabled = False
+                done.uncast.append(layer)
     if cfg.compile:
         for layer in model.llm.layers:
             layer.compile(dynamic=True)

@@ -103,7 +103,10 @@ def test_undo_restores_dtypes_attention_and_ties(lora_vlm):
     with done.full_precision():  # e.g. generation outside autocast during a stage
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.llm.embeddings.weight.dtype == torch.bfloat16
+    uncast = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert uncast and not any(m.cast_input_dtype_enabled for m in uncast)  # autocast's dtype, not fp32
     done.undo()
+    assert all(m.cast_input_dtype_enabled for m in uncast)
     assert model.llm.attention == "sdpa"
     assert model.llm.lm_head.weight is model.llm.embeddings.weight  # still tied
     for name, param in model.named_parameters():

@@ -270,6 +270,10 @@ class TrainConfig:
         "auto"  # auto (bf16 where the hardware supports it: CUDA, or CPUs with AVX512-BF16/AMX) | bf16 | fp32
     )
     gradient_checkpointing: bool = False
+    # the training step's speed (docs/training.md, "Where a step's time goes"):
+    attention: str = "auto"  # LLM attention kernel: auto (eager on CPU, sdpa on CUDA) | eager | sdpa
+    frozen_bf16: str = "all"  # under bf16 autocast, frozen LLM weights stored in bf16: all | linear | none
+    compile: bool = False  # torch.compile each LLM decoder layer
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only
     keep_last: int = 2

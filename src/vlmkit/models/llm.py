@@ -193,6 +193,20 @@ class LanguageModel(nn.Module):
         return self.model.get_output_embeddings()
 
     @property
+    def attention(self) -> str:
+        """The decoder's attention kernel (transformers' `attn_implementation`: `sdpa`, `eager`, ...)."""
+        return str(self._transformers_model.config._attn_implementation)
+
+    def set_attention(self, implementation: str) -> None:
+        """Switch the attention kernel in place (same weights; e.g. `eager` for CPU training)."""
+        self._transformers_model.set_attn_implementation(implementation)
+
+    @property
+    def _transformers_model(self) -> nn.Module:
+        """The transformers model itself (inside a peft wrapper when LoRA is applied)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
     def plain_lm_head(self) -> bool:
         """True when logits are exactly `lm_head(last hidden state)` (no soft-capping or scaling)."""
         cfg = self.model.config

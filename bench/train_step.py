@@ -71,10 +71,10 @@ from vlmkit.memory import HeapReleaser, release_free_memory
 from vlmkit.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vlmkit.precision import autocast_context, resolve_precision
 from vlmkit.train.data import StageData
-from vlmkit.train.strategies import SingleProcess
 from vlmkit.train.schedule import build_scheduler
 from vlmkit.train.stages import apply_stage, param_groups
 from vlmkit.train.step import build_optimizer, speed_up, train_step
+from vlmkit.train.strategies import SingleProcess
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs

@@ -171,11 +171,11 @@ def read_samples(
 
 def _check_images(
     sample: Sample, images: ImageProcessor, image_root: str | Path | None
-) -> list[int] | tuple[str, str]:
-    """Open every image of `sample` within the limits: the tile count of each, or (reason, message) for the
-    first bad one."""
+) -> list[tuple[int, int]] | tuple[str, str]:
+    """Open every image of `sample` within the limits: the (width, height) of each, or (reason, message) for
+    the first bad one."""
     try:
-        return [images.num_tiles(images.open(image_source(ref, image_root)).size) for ref in sample.images]
+        return [images.open(image_source(ref, image_root)).size for ref in sample.images]
     except (ImageError, SampleError) as err:
         return err.reason, str(err)
 
@@ -222,8 +222,8 @@ class VLMDataset(torch.utils.data.Dataset):
         self.encoded: list[EncodedSample] = []
         # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
         check = partial(_check_images, images=self.images, image_root=image_root)
-        for sample, tiles in zip(samples, _map(check, samples, num_workers)):
-            result = tiles if isinstance(tiles, tuple) else self._encode(sample, tiles)
+        for sample, sizes in zip(samples, _map(check, samples, num_workers)):
+            result = sizes if isinstance(sizes, tuple) else self._encode(sample, sizes)
             if isinstance(result, EncodedSample):
                 self.encoded.append(result)
                 self.report.accept()
@@ -235,10 +235,10 @@ class VLMDataset(torch.utils.data.Dataset):
     def images(self) -> ImageProcessor:
         return self.processor.images
 
-    def _encode(self, sample: Sample, tiles: list[int]) -> EncodedSample | tuple[str, str]:
+    def _encode(self, sample: Sample, sizes: list[tuple[int, int]]) -> EncodedSample | tuple[str, str]:
         """The encoded sample, or (reason, message) when it must be skipped."""
         try:
-            return self.processor.encode_training(sample, tiles, self.max_length)
+            return self.processor.encode_training(sample, max_length=self.max_length, sizes=sizes)
         except SampleError as err:
             return err.reason, str(err)
 
@@ -334,6 +334,7 @@ def make_item(
         "pixel_values": None,
         "image_count": len(enc.images),
         "num_tiles": list(enc.num_tiles),
+        "image_sizes": list(enc.image_sizes),  # (width, height) of each image
         "length": len(enc.input_ids),
     }
     # pixel_values [sum tiles, 3, S, S] | vision_features [sum tiles, N, Dv] | None
@@ -383,8 +384,8 @@ class RecordEncoder:
                 ref: images.open(shard_image_source(raw, ref, self.image_root, sample.images))
                 for ref in dict.fromkeys(sample.images)
             }
-            tiles = [images.num_tiles(opened[ref].size) for ref in sample.images]
-            enc = self.processor.encode_training(sample, tiles, self.max_length)
+            sizes = [opened[ref].size for ref in sample.images]
+            enc = self.processor.encode_training(sample, max_length=self.max_length, sizes=sizes)
         except (ImageError, SampleError) as err:
             return err.reason, sample.id, str(err)
         return make_item(enc, [images.tensors(opened[ref]) for ref in enc.images])

@@ -12,6 +12,7 @@ from typing import Any
 from vlmkit.config import RecipeConfig, load_config
 from vlmkit.log import get_logger
 from vlmkit.memory import peak_rss_gib
+from vlmkit.train.metrics import plot_learning_curves
 
 log = get_logger(__name__)
 
@@ -163,8 +164,6 @@ def run_quickstart(
     results["goals_met"] = goals_met(results) if not tiny else None
     (out / "quickstart-results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, out / "quickstart-results.png")
-    from vlmkit.train.metrics import plot_learning_curves
-
     plot_learning_curves(out / "metrics.jsonl", out / "learning-curves.png", TARGETS)
     return results
 

@@ -25,6 +25,7 @@ from vlmkit.data.loader import (
 from vlmkit.data.sources.shards import Shard, find_shards, is_sharded
 from vlmkit.data.sources.stream import ShardPlan, mix_seed
 from vlmkit.log import get_logger
+from vlmkit.train.feature_cache import maybe_feature_cache
 
 log = get_logger(__name__)
 
@@ -128,8 +129,6 @@ class StageData:
         if recipe.train.feature_cache and isinstance(train, ShardSource):
             log.info("feature cache off: the training data is streamed from shards")
         elif recipe.train.feature_cache:
-            from vlmkit.train.feature_cache import maybe_feature_cache
-
             data.feature_cache = maybe_feature_cache(
                 model, data, run_dir, data_cfg, barrier=getattr(strategy, "barrier", None)
             )

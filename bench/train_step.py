@@ -465,9 +465,9 @@ def bench_llava(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     tower, llm = (SMOKE_TOWER, SMOKE_LLM) if args.smoke else (CLIP_L_336, LLAMA_1B)
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision=VisionConfig(kind="hf", hf_config=tower, select_layer=-2),
-        bridge=BridgeConfig(kind="mlp", depth=2),
-        llm=LLMConfig(kind="tiny", hf_config=llm),  # random Llama of this shape + a small tokenizer
+        vision=VisionConfig.make("hf", hf_config=tower, select_layer=-2),
+        bridge=BridgeConfig.make("mlp", depth=2),
+        llm=LLMConfig.make("tiny", hf_config=llm),  # random Llama of this shape + a small tokenizer
     )
     model = VisionLanguageModel.from_config(cfg).train()
     stage = StageConfig(name="instruct", preset="instruct", lr=2e-5, max_grad_norm=1.0)

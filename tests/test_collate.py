@@ -257,7 +257,7 @@ def test_stage_loss_average_sample_adds_label_weights(tmp_path):
 
     recipe = load_config(RecipeConfig, "quickstart-tiny", ["train.feature_cache=false"])
     model = VisionLanguageModel.from_config(recipe.model)
-    stage = recipe.stages[1]
+    stage = recipe.stages[-1]  # the instruct stage
     for average in ("token", "sample"):
         stage.loss_average = average
         data = StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))

@@ -69,13 +69,13 @@ def test_recipes_resolve_by_name_and_unknown_names_list_the_known():
 def test_mapping_values_are_typed_too():
     from vlmkit.config import RecipeConfig
 
-    cfg = load_config(RecipeConfig, "quickstart", ["stages.1.module_lr.bridge=2e-3", "stages.0.lr=1e-2"])
+    cfg = load_config(RecipeConfig, "tiny", ["stages.1.module_lr.bridge=2e-3", "stages.0.lr=1e-2"])
     assert cfg.stages[1].module_lr == {"bridge": 0.002} and isinstance(
         cfg.stages[1].module_lr["bridge"], float
     )
     assert cfg.stages[0].lr == 0.01
     with pytest.raises(ConfigError, match="module_lr.bridge"):
-        load_config(RecipeConfig, "quickstart", ["stages.1.module_lr.bridge=fast"])
+        load_config(RecipeConfig, "tiny", ["stages.1.module_lr.bridge=fast"])
 
 
 def test_xattn_with_anyres_is_refused_at_load():

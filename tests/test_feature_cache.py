@@ -305,7 +305,7 @@ def test_shards_are_size_bounded_atomic_and_reloadable(shapes, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the CLI
 def _losses(run: Path) -> list[tuple[int, str, float]]:
-    rows = read_metrics(run / "metrics.jsonl")
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r or "val_loss" in r]  # not the stats
     return [(r["step"], "loss" if "loss" in r else "val", r.get("loss", r.get("val_loss"))) for r in rows]
 
 

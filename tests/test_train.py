@@ -28,6 +28,31 @@ def reference_run(tmp_path_factory):
     return out
 
 
+def test_forward_keeps_its_visual_tokens_rms_for_the_step_logs():
+    """The trainer's `visual_rms_ratio` reads the RMS the forward pass took of the tokens it merged (no second
+    pass): it equals the RMS of the bridge's output, also under bf16 autocast."""
+    from conftest import random_image, tiny_model_config
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(tiny_model_config()).eval()
+    batch = model.prepare_prompts(
+        ["<image>\nWhat is it?", "<image>\nAnd this?"], [[random_image(0)], [random_image(1)]]
+    )
+    with torch.no_grad():
+        model(**batch)
+        expected = model.encode_images(batch["pixel_values"]).float().pow(2).mean().sqrt()
+        assert torch.allclose(model.visual_rms, expected, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+            tokens = model.encode_images(batch["pixel_values"])
+        assert torch.allclose(model.visual_rms, tokens.float().pow(2).mean().sqrt(), rtol=1e-4)
+    model.visual_rms = None
+    text = model.prepare_prompts(["no image here"], [[]])
+    with torch.no_grad():
+        model(**text)
+    assert model.visual_rms is None  # a step without images logs no ratio
+
+
 def test_tiny_recipe_runs_and_writes_the_run_directory(reference_run):
     rows = [r for r in read_metrics(reference_run / "metrics.jsonl") if "loss" in r]
     recipe = load_config(RecipeConfig, TINY)

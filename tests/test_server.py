@@ -33,18 +33,6 @@ from conftest import random_image, tiny_model_config
 from serving import ServerThread
 
 
-class CountingPredictor(Predictor):
-    """The real Predictor, counting its batched `generate` calls and their sizes."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batch_sizes: list[int] = []
-
-    def generate(self, requests, *args, **kwargs):
-        self.batch_sizes.append(len(requests))
-        return super().generate(requests, *args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_vlm, tmp_path_factory):
     return tiny_vlm.save_pretrained(tmp_path_factory.mktemp("served") / "model")
@@ -53,7 +41,7 @@ def model_dir(tiny_vlm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(model_dir):
     loaded = build_predictor(model_dir)
-    return CountingPredictor(loaded.model)
+    return Predictor(loaded.model)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +67,7 @@ def lively():
     """A tiny model with a large init range, so answers vary by prompt (and include partial UTF-8 tokens)."""
     torch.manual_seed(0)
     cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}))
-    return CountingPredictor(VisionLanguageModel.from_config(cfg).eval())
+    return Predictor(VisionLanguageModel.from_config(cfg).eval())
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +314,13 @@ def test_without_max_tokens_the_default_is_capped_at_the_limit(server):
 
 
 def test_concurrent_requests_share_forward_passes(lively):
-    predictor = CountingPredictor(lively.model)
+    predictor = Predictor(lively.model)
     config = ServerConfig(batch_window_ms=300, max_batch=8)
     prompts = [f"question number {i}" + " more" * i for i in range(6)]
     limits = [3, 5, 7, 4, 6, 8]
     solo = [predictor.chat(_user(p), max_new_tokens=n) for p, n in zip(prompts, limits)]
-    predictor.batch_sizes.clear()
-    with ServerThread(create_app(predictor, config)) as srv:
+    app = create_app(predictor, config)
+    with ServerThread(app) as srv:
         client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
 
         def ask(i: int):
@@ -340,13 +328,39 @@ def test_concurrent_requests_share_forward_passes(lively):
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             replies = list(pool.map(ask, range(len(prompts))))
-    assert sum(predictor.batch_sizes) == len(prompts)
-    assert len(predictor.batch_sizes) < len(prompts)  # fewer generate calls than requests
-    assert max(predictor.batch_sizes) > 1
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > 2 * stats.decode_steps  # several rows per decode step
     assert len({r.choices[0].message.content for r in replies}) > 1  # distinct answers, not one row copied
     for reply, expected, limit in zip(replies, solo, limits):  # each row keeps its own answer and budget
         assert reply.choices[0].message.content == expected.text
         assert reply.usage.completion_tokens == expected.completion_tokens <= limit
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_when_done(lively):
+    """Continuous batching through the server: a late request starts before an early long one ends, and a short
+    one ends (and answers) while the long one goes on."""
+    app = create_app(Predictor(lively.model), ServerConfig(batch_window_ms=0))
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        body = {
+            "messages": _user("a long answer please"),
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", url, json=body, timeout=60) as long_stream:
+            lines = long_stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk: the long request is decoding
+            short = httpx.post(
+                url, json={"messages": _user("short"), "max_tokens": 3, "ignore_eos": True}, timeout=60
+            )
+            assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+            rest = [line for line in lines if line.startswith("data: {")]
+        finished = json.loads(rest[-2][6:]) if '"usage"' in rest[-1] else json.loads(rest[-1][6:])
+        assert finished["choices"][0]["finish_reason"] == "length"
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > stats.decode_steps  # the short one shared decode steps with the long one
+    assert stats.finished["length"] == 2
 
 
 def test_rows_with_different_budgets_and_stops_share_one_batch(lively):
@@ -535,19 +549,24 @@ def test_media_policy_reaches_the_server(tmp_path, tiny_vlm):
             assert _assert_openai_error(refused, 400)["code"] == "local_media_refused"
 
 
-def test_sampled_and_greedy_requests_are_grouped(tiny_vlm):
-    predictor = CountingPredictor(tiny_vlm)
-    with ServerThread(create_app(predictor, ServerConfig(batch_window_ms=300))) as srv:
+def test_sampled_and_greedy_requests_share_decode_steps(lively):
+    predictor = Predictor(lively.model)
+    app = create_app(predictor, ServerConfig(batch_window_ms=300))
+    with ServerThread(app) as srv:
         client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
-        settings = [{}, {}, {"temperature": 0.8}, {"temperature": 0.8}]
+        settings = [{}, {}, {"temperature": 0.8, "seed": 3}, {"temperature": 0.8, "top_p": 0.5, "seed": 4}]
 
         def ask(kw):
-            return client.chat.completions.create(model="m", messages=_user("hi"), max_tokens=3, **kw)
+            return client.chat.completions.create(
+                model="m", messages=_user("hi"), max_tokens=6, **kw
+            ).choices[0]
 
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(ask, settings))
-    assert all(r.usage.completion_tokens >= 1 for r in replies)
-    assert sum(predictor.batch_sizes) == 4 and len(predictor.batch_sizes) <= 3
+        alone = [ask(kw) for kw in settings]  # one at a time: the same answers (own settings, own seed)
+    assert [r.message.content for r in replies] == [r.message.content for r in alone]
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > stats.decode_steps
     torch.manual_seed(0)  # leave global RNG state predictable for other tests
 
 
@@ -900,7 +919,8 @@ def test_the_openapi_document_is_true(server):
 def test_boxes_are_mapped_onto_the_last_image_or_the_one_the_request_names(tiny_vlm):
     answer = "<ref>it</ref><box>(100,200),(500,700)</box>"
     first, last = _png_url((1200, 900)), _png_url((600, 300))
-    with ServerThread(create_app(ScriptedAnswer(tiny_vlm, answer), ServerConfig())) as srv:
+    config = ServerConfig(continuous_batching=False)  # the scripted answer comes through `generate`
+    with ServerThread(create_app(ScriptedAnswer(tiny_vlm, answer), config)) as srv:
         url = f"{srv.url}/v1/chat/completions"
         messages = [
             {

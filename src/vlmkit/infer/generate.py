@@ -28,6 +28,9 @@ class ChatRequest:
     images: list[Image.Image] = field(default_factory=list)
     config: GenerationConfig | None = None
     box_image: int = 0  # which image the answer's boxes are mapped onto (-1: the last one)
+    image_keys: list[str] | None = (
+        None  # one per image (sha256 of its bytes): the server's image-feature cache
+    )
 
 
 @dataclass

@@ -20,12 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.config import LLMConfig
+from vlmkit.config import BridgeConfig, LLMConfig
 from vlmkit.infer.api import ServerConfig
 from vlmkit.infer.batching import BatchWorker, Job
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.media import MediaError, MediaPolicy
 from vlmkit.infer.server import build_predictor, create_app
+from vlmkit.models.fusion.xattn import XAttnFusionConfig
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -549,6 +550,82 @@ def test_media_policy_reaches_the_server(tmp_path, tiny_vlm):
             assert _assert_openai_error(refused, 400)["code"] == "local_media_refused"
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """The samples of a Prometheus text page (name{labels} -> value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = httpx.get(f"{url}/metrics", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(page.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"bridge": BridgeConfig.make("qformer", num_queries=4)},
+        {"fusion": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
+    ],
+    ids=["qformer", "xattn"],
+)
+def test_qformer_and_xattn_models_are_served_with_the_same_features(parts):
+    """Concurrent streams with images (each its own answer), the image-feature cache across turns, /metrics, and a
+    cancelled stream freeing its row — on a Q-Former bridge and on xattn fusion."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(
+        tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}), **parts)
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)  # xattn: the images change the answers
+    predictor = Predictor(model)
+    images = [_data_url(i, (48, 40)) for i in range(3)]
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    solo = [predictor.chat(with_image, [random_image(i, (48, 40))], max_new_tokens=6).text for i in range(3)]
+    app = create_app(predictor, ServerConfig(batch_window_ms=200, max_batch=4))
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
+
+        def ask(i: int) -> str:
+            stream = client.chat.completions.create(
+                model="m", messages=_user("what is it?", images[i]), max_tokens=6, stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, range(3)))
+        assert answers == solo and len(set(solo)) > 1
+        before = _metrics(srv.url)
+        assert ask(1) == solo[1]  # the same image again (another turn): visual tokens from the cache
+        after = _metrics(srv.url)
+        assert before["vlmkit_image_cache_misses_total"] == 3 and before["vlmkit_image_cache_hits_total"] == 0
+        assert after["vlmkit_image_cache_hits_total"] == 1 and after["vlmkit_image_cache_misses_total"] == 3
+        assert after["vlmkit_image_cache_entries"] == 3 and after["vlmkit_image_cache_bytes"] > 0
+        assert after["vlmkit_time_to_first_token_seconds_count"] == 4
+        assert after["vlmkit_generation_tokens_total"] == 24
+        assert after["vlmkit_inter_token_latency_seconds_count"] == 20
+        assert after["vlmkit_requests_finished_total{finish_reason=length}"] == 4
+        assert after["vlmkit_queue_length"] == 0 and after["vlmkit_batch_size"] == 0
+        # a stream abandoned mid-way frees its row: the next request is served at once
+        body = {"messages": _user("go on", images[0]), "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            _wait_for(lambda: _metrics(srv.url)["vlmkit_batch_size"] == 1)
+            assert _metrics(srv.url)["vlmkit_generation_tokens_total"] > 24  # it is decoding
+        del lines
+        _wait_for(
+            lambda: _metrics(srv.url).get("vlmkit_requests_finished_total{finish_reason=cancelled}") == 1
+        )
+        assert _metrics(srv.url)["vlmkit_batch_size"] == 0
+        assert ask(2) == solo[2]
+
+
 def test_sampled_and_greedy_requests_share_decode_steps(lively):
     predictor = Predictor(lively.model)
     app = create_app(predictor, ServerConfig(batch_window_ms=300))
@@ -601,6 +678,12 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
             "7",
             "--stall-timeout",
             "9",
+            "--prefill-chunk",
+            "64",
+            "--image-cache-mb",
+            "12.5",
+            "--dtype",
+            "fp32",
             "--no-web",
         ]
     )
@@ -612,6 +695,10 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert config.media.allowed_local_paths == [tmp_path]
     assert config.media.image_formats == ("PNG", "TIFF") and config.decode_budget == 1_000_000
     assert config.body_timeout_s == 7 and config.stall_timeout_s == 9
+    assert config.prefill_chunk == 64 and config.image_cache_mb == 12.5 and config.continuous_batching
+    assert args.dtype == "fp32" and build_parser().parse_args(["serve", "m"]).dtype == "auto"
+    windows = build_parser().parse_args(["serve", "m", "--no-continuous-batching"])
+    assert not _server_config(windows, web=False).continuous_batching
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
     assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")

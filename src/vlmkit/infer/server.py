@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,7 +27,7 @@ from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
 from vlmkit.infer.engine import Engine, EngineStats
 from vlmkit.infer.errors import BodyGuardMiddleware, add_error_handlers
-from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor
+from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, serving_dtype
 from vlmkit.infer.health import health_problems
 from vlmkit.infer.image_cache import ImageFeatureCache, bytes_key
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
@@ -360,9 +361,17 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def build_predictor(model_dir: str | Path, **kwargs: Any) -> Predictor:
-    """Load a saved vlmkit model and wrap it for serving (kwargs go to `Predictor`)."""
-    return Predictor(VisionLanguageModel.from_pretrained(model_dir), **kwargs)
+def build_predictor(
+    model_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu", **kwargs: Any
+) -> Predictor:
+    """Load a saved vlmkit model in `dtype` (`auto`, `bf16`, `fp32`: see `serving_dtype`) on `device` (`auto`: CUDA
+    when available) and wrap it for serving (kwargs go to `Predictor`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = VisionLanguageModel.from_pretrained(model_dir).to(
+        device=device, dtype=serving_dtype(dtype, device)
+    )
+    return Predictor(model, **kwargs)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

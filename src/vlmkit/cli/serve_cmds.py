@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from vlmkit.infer.decoding import DEFAULT_IMAGE_FORMATS, check_formats
@@ -15,7 +16,11 @@ def _chat(args: argparse.Namespace) -> int:
     from vlmkit.infer.server import build_predictor
 
     predictor = build_predictor(
-        args.model_dir, dtype=args.dtype, device=args.device, system_prompt=args.system
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        prepack=not args.no_prepack,
+        system_prompt=args.system,
     )
     config = session_config(
         max_new_tokens=args.max_tokens,
@@ -69,13 +74,31 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
     )
 
 
+def model_threads(requested: int | None, cores: int | None = None) -> int:
+    """Compute threads for the model: as asked, or all cores but one (left to the HTTP side), at least 1."""
+    if requested and requested > 0:
+        return requested
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def _serve(args: argparse.Namespace, web: bool) -> int:
+    import torch
+
     from vlmkit.infer.server import build_predictor, create_app, serve
     from vlmkit.log import get_logger
 
     config = _server_config(args, web)
+    threads = model_threads(args.threads)
+    torch.set_num_threads(threads)
+    config.model_cpus = None if args.no_pin else threads
     predictor = build_predictor(
-        args.model_dir, dtype=args.dtype, device=args.device, system_prompt=args.system
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        prepack=not args.no_prepack,
+        system_prompt=args.system,
     )
     app = create_app(predictor, config)  # type: ignore[arg-type]
     log = get_logger("vlmkit.serve")
@@ -94,7 +117,7 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--system", default=None, help="system prompt added to every conversation")
     _add_model_options(p)
     g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    g.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     g.add_argument(
         "--prefill-chunk",
         type=int,
@@ -106,6 +129,17 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         type=float,
         default=256.0,
         help="memory for the image-feature cache (visual tokens by image bytes, LRU); 0 turns it off",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of the model (default: all cores but one, at least 1)",
+    )
+    g.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the model thread to its cores (pinned by default, as vLLM's CPU backend does)",
     )
     g.add_argument(
         "--no-continuous-batching",
@@ -177,6 +211,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
+    )
+    p.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="CPU: plain linear weights (default: prepacked for oneDNN, faster, one more copy in memory)",
     )
 
 

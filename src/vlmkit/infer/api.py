@@ -23,7 +23,7 @@ class ServerConfig:
     """Serving limits; every one is checked before a request reaches the model."""
 
     model_name: str = "vlmkit"
-    max_batch: int = 8  # rows decoding together (continuous batching), or requests per generate call
+    max_batch: int = 32  # rows decoding together (continuous batching), or requests per generate call
     batch_window_ms: float = 10.0  # an idle server starts once no request has arrived for this long...
     batch_max_wait_ms: float = 100.0  # ...or this long after its first request (while others are admitted)
     continuous_batching: bool = (
@@ -31,6 +31,7 @@ class ServerConfig:
     )
     prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off
+    model_cpus: int | None = None  # pin the model thread to this many cores (None: not pinned)
     max_queue: int = 256  # queued requests beyond this get HTTP 429
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048  # larger `max_tokens` is refused

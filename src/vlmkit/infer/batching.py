@@ -7,6 +7,7 @@ handler."""
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -67,6 +68,7 @@ class BatchWorker:
         self.backend = backend
         self.config = config
         self.engine = engine
+        self.cpus: set[int] | None = None  # the cores the model thread is pinned to (None: not pinned)
         self.generate_calls = 0  # generate calls (windows), or decode steps (engine)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.max_queue)
         self._lock = threading.Lock()
@@ -148,6 +150,7 @@ class BatchWorker:
     def _run_engine(self) -> None:
         engine = self.engine
         assert engine is not None
+        self._pin()
         while True:
             if not engine.busy:
                 self._busy_since = None
@@ -171,6 +174,19 @@ class BatchWorker:
                 engine.fail(err)
             self.generate_calls += 1
             self._progress = time.monotonic()
+
+    def _pin(self) -> None:
+        """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU
+        backend binds its engine: no migrations between decode steps, and the other cores left to the HTTP side."""
+        n = self.config.model_cpus
+        if not n or not hasattr(os, "sched_setaffinity"):
+            return
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) <= 1:
+            return
+        self.cpus = set(allowed[: min(n, len(allowed))])
+        os.sched_setaffinity(0, self.cpus)  # 0: this thread only (Linux)
+        logger.info("model thread pinned to CPU(s) %s", sorted(self.cpus))
 
     def _drain(self) -> list[Job]:
         """What is queued now (no waiting); nothing once stopping."""

@@ -207,6 +207,9 @@ class Engine:
         while left > 0 and (self.prefilling is not None or (self.waiting and not self.batch.full)):
             if self.prefilling is None:
                 row = self.waiting.popleft()
+                if row.config.max_new_tokens < 1:  # nothing to generate
+                    self._finish(row)
+                    continue
                 try:
                     self.batch.begin(self._inputs(row))
                 except Exception as err:

@@ -34,6 +34,7 @@ class _Plan:
     slots: slice = field(default_factory=lambda: slice(0, 0))
     starts: torch.Tensor | None = None
     length: int = 0
+    rows: torch.Tensor | None = None  # decode: the slots as indices [b]
 
 
 class SlotLayer(CacheLayerMixin):
@@ -60,9 +61,8 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         plan = self.plan
         if key_states.shape[2] == 1:  # decode: every row writes one position of its own
-            rows = torch.arange(plan.slots.start, plan.slots.stop, device=key_states.device)
-            self.keys[rows, :, plan.starts] = key_states[:, :, 0]
-            self.values[rows, :, plan.starts] = value_states[:, :, 0]
+            self.keys[plan.rows, :, plan.starts] = key_states[:, :, 0]
+            self.values[plan.rows, :, plan.starts] = value_states[:, :, 0]
         else:  # a prompt chunk of one row
             start = int(plan.starts[0])
             end = start + key_states.shape[2]
@@ -266,3 +266,4 @@ class RowBatch:
     def _plan(self, slots: slice, starts: torch.Tensor, length: int) -> None:
         plan = self.cache.plan
         plan.slots, plan.starts, plan.length = slots, starts, length
+        plan.rows = torch.arange(slots.start, slots.stop, device=starts.device)

@@ -292,3 +292,31 @@ def test_the_image_cache_is_bounded_least_recently_used_first():
     off = ImageFeatureCache(0)
     off.put("a", torch.zeros(1))
     assert off.get("a") is None
+
+
+def test_prepacked_linears_compute_what_the_plain_ones_do():
+    from vlmkit.infer.prepack import PackedLinear, available, prepack_linears
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively(**ARCHITECTURES["xattn"])
+    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    expected = Predictor(model).generate(requests)[0].token_ids
+    keys = set(model.state_dict())
+    batch = Predictor(model).prepare(requests)[0]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert prepack_linears(model) > 0
+    assert any(isinstance(m, PackedLinear) for m in model.llm.modules())
+    assert any(isinstance(m, PackedLinear) for m in model.fusion.modules())  # xattn blocks too
+    assert set(model.state_dict()) == keys  # same weights, same names: saving is unchanged
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, logits, atol=1e-4)
+    assert Predictor(model).generate(requests)[0].token_ids == expected
+    engine = Engine(Predictor(model))
+    rec = _add(engine, requests[0])
+    _run(engine)
+    assert rec.result.token_ids == expected
+    bf16 = lively().to(torch.bfloat16)
+    prepack_linears(bf16)
+    assert Predictor(bf16).generate(requests)[0].completion_tokens == 6

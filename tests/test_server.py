@@ -626,6 +626,21 @@ def test_qformer_and_xattn_models_are_served_with_the_same_features(parts):
         assert ask(2) == solo[2]
 
 
+def test_the_model_thread_is_pinned_to_its_cores(lively):
+    from vlmkit.cli.serve_cmds import model_threads
+
+    assert model_threads(None, cores=2) == 1 and model_threads(None, cores=16) == 15 and model_threads(3) == 3
+    assert model_threads(None, cores=1) == 1
+    cores = sorted(os.sched_getaffinity(0))
+    app = create_app(Predictor(lively.model), ServerConfig(model_cpus=1))
+    with ServerThread(app) as srv:
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": _user("hi"), "max_tokens": 2})
+        assert reply.status_code == 200
+        worker = app.state.worker
+        assert worker.cpus == ({cores[0]} if len(cores) > 1 else None)
+    assert os.sched_getaffinity(0) == set(cores)  # only the model thread was pinned
+
+
 def test_sampled_and_greedy_requests_share_decode_steps(lively):
     predictor = Predictor(lively.model)
     app = create_app(predictor, ServerConfig(batch_window_ms=300))

@@ -177,7 +177,7 @@ class BatchWorker:
 
     def _pin(self) -> None:
         """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU
-        backend binds its engine: no migrations between decode steps, and the other cores left to the HTTP side."""
+        backend binds its engine: no migrations between decode steps."""
         n = self.config.model_cpus
         if not n or not hasattr(os, "sched_setaffinity"):
             return

@@ -35,6 +35,9 @@ class _Plan:
     starts: torch.Tensor | None = None
     length: int = 0
     rows: torch.Tensor | None = None  # decode: the slots as indices [b]
+    flat: torch.Tensor | None = (
+        None  # decode: where each (row, head) writes in a [slots * H * capacity, D] view
+    )
 
 
 class SlotLayer(CacheLayerMixin):
@@ -61,8 +64,21 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         plan = self.plan
         if key_states.shape[2] == 1:  # decode: every row writes one position of its own
-            self.keys[plan.rows, :, plan.starts] = key_states[:, :, 0]
-            self.values[plan.rows, :, plan.starts] = value_states[:, :, 0]
+            b, heads, capacity, dim = (
+                key_states.shape[0],
+                self.keys.shape[1],
+                self.keys.shape[2],
+                self.keys.shape[3],
+            )
+            if plan.flat is None:  # computed once per call, shared by the layers
+                head = torch.arange(heads, device=key_states.device)
+                plan.flat = ((plan.rows[:, None] * heads + head) * capacity + plan.starts[:, None]).reshape(
+                    -1
+                )
+            self.keys.view(-1, dim).index_copy_(0, plan.flat, key_states.reshape(b * heads, dim))
+            self.values.view(-1, self.values.shape[3]).index_copy_(
+                0, plan.flat, value_states.reshape(b * heads, self.values.shape[3])
+            )
         else:  # a prompt chunk of one row
             start = int(plan.starts[0])
             end = start + key_states.shape[2]
@@ -267,3 +283,4 @@ class RowBatch:
         plan = self.cache.plan
         plan.slots, plan.starts, plan.length = slots, starts, length
         plan.rows = torch.arange(slots.start, slots.stop, device=starts.device)
+        plan.flat = None

@@ -59,9 +59,9 @@ from vlmkit.config import (
 )
 from vlmkit.data.collate import Collator, LengthGroupedSampler, PackingCollator, model_inputs
 from vlmkit.data.dataset import VLMDataset
-from vlmkit.data.synthetic import ALL_TASKS, generate_shapesworld
 from vlmkit.models.vision import ViTConfig
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.world import ALL_TASKS, generate_shapesworld
 from vlmkit.train.data import StageData
 from vlmkit.train.feature_cache import maybe_feature_cache
 from vlmkit.train.stages import apply_stage

@@ -76,3 +76,30 @@ def test_mapping_values_are_typed_too():
     assert cfg.stages[0].lr == 0.01
     with pytest.raises(ConfigError, match="module_lr.bridge"):
         load_config(RecipeConfig, "quickstart", ["stages.1.module_lr.bridge=fast"])
+
+
+def test_xattn_with_anyres_is_refused_at_load():
+    from vlmkit.config import RecipeConfig
+
+    for resize in ("model.processor.resize=anyres", "data.resize=anyres"):  # data.resize: the legacy key
+        with pytest.raises(ConfigError) as err:
+            load_config(RecipeConfig, "tiny", ["model.fusion.mode=xattn", resize])
+        msg = str(err.value)
+        assert "fusion.mode" in msg and "xattn" in msg and "processor.resize" in msg and "anyres" in msg
+    assert load_config(RecipeConfig, "tiny", ["model.fusion.mode=xattn", "model.processor.resize=pad"])
+    assert load_config(RecipeConfig, "tiny", ["model.processor.resize=anyres"])  # with prefix fusion
+    assert load_config(RecipeConfig, "tiny", ["model.fusion.mode=xattn", "data.packing=true"])  # isolated
+
+
+def test_lora_quantize_values_are_checked_at_load():
+    from vlmkit.config import LoRAConfig, RecipeConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(RecipeConfig, "tiny", ["stages.1.lora.quantize=banana"])
+    msg = str(err.value)
+    assert "stages[1].lora.quantize" in msg and "banana" in msg and "none, 4bit" in msg
+    assert (
+        load_config(RecipeConfig, "tiny", ["stages.1.lora.quantize=4bit"]).stages[1].lora.quantize == "4bit"
+    )
+    with pytest.raises(ConfigError, match="quantize"):
+        LoRAConfig(quantize="8bit")  # built in code, too

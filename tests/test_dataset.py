@@ -17,6 +17,7 @@ from vlmkit.config import DataConfig
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator, model_inputs
 from vlmkit.data.dataset import (
+    DataError,
     DataQualityError,
     DataReport,
     VLMDataset,
@@ -275,10 +276,18 @@ def test_cli_check_with_model_dir(corpus, tiny_vlm, tmp_path, capsys):
     assert main(args) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["rejected"] == EXPECTED and out["ok"] == len(GOOD_IDS)
+    (model_dir / "model.safetensors").unlink()  # the check reads the config and tokenizer, never the weights
+    assert main(args) == 1
+    assert json.loads(capsys.readouterr().out) == out
+    (
+        model_dir / "processor_config.json"
+    ).unlink()  # as saved by a vlmkit before the Processor: still no weights
+    assert main(args) == 1
+    assert json.loads(capsys.readouterr().out) == out
 
 
 def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_vlm):
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     paths = generate_shapesworld(tmp_path, 5, seed=3, image_size=32)
     records = json.loads(paths["train"].read_text())
@@ -295,3 +304,88 @@ def test_merge_turns_pays_each_image_once_and_keeps_every_answer(tmp_path, tiny_
     assert sum(len(merged[i]["input_ids"]) for i in range(5)) < sum(
         len(single[i]["input_ids"]) for i in range(len(single))
     )
+
+
+# ------------------------------------------------------------------------------------------- bad files
+def _qa(i: int, answer: str | None = None) -> dict:
+    return _llava(f"g{i}", None, f"Question {i}?", answer or f"Answer {i}.")
+
+
+def test_bad_bytes_in_jsonl_skip_that_line_and_keep_the_rest(tmp_path, capsys):
+    lines = [json.dumps(_qa(i)).encode() for i in range(6)]
+    lines[2] = lines[2].replace(b"Answer 2.", b"Answer \xff\xfe 2.")  # not UTF-8
+    lines[4] = lines[4].replace(b"Question 4?", b"Caf\xe9 4?")  # Latin-1
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    report = DataReport(source=str(path))
+    assert [s.id for s in read_samples(path, report=report)] == ["g0", "g1", "g3", "g5"]
+    assert dict(report.rejected) == {"bad_encoding": 2}
+    assert report.examples["bad_encoding"] == "line 3"
+    assert "UTF-8" in report.messages["bad_encoding"]
+    assert main(["data", "check", str(path), "--json", "--max-bad", "0.5"]) == 0  # no crash: a report
+    assert json.loads(capsys.readouterr().out) == {"total": 6, "ok": 4, "rejected": {"bad_encoding": 2}}
+
+
+def test_bad_bytes_in_a_json_array_skip_that_record_named_by_its_line(tmp_path):
+    text = json.dumps([_qa(i) for i in range(5)], indent=2).encode()
+    text = text.replace(b"Answer 3.", b"Answer \xe9 3.")
+    bad_line = text[: text.index(b"\xe9")].count(b"\n") + 1
+    path = tmp_path / "array.json"
+    path.write_bytes(text)
+    report = DataReport()
+    assert [s.id for s in read_samples(path, report=report)] == ["g0", "g1", "g2", "g4"]
+    assert dict(report.rejected) == {"bad_encoding": 1}
+    assert report.examples["bad_encoding"] == f"line {bad_line}"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-8-sig"])
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_utf16_and_bom_files_are_read_like_utf8(tmp_path, encoding, layout):
+    records = [_qa(i, answer="Ça va, très bien.") for i in range(4)]
+    text = "\n".join(map(json.dumps, records)) if layout == "jsonl" else json.dumps(records, indent=1)
+    plain, other = tmp_path / f"plain.{layout}", tmp_path / f"other.{layout}"
+    plain.write_text(text, encoding="utf-8")
+    other.write_bytes(text.encode(encoding))  # utf-16: with a BOM; -le / -be: without
+    report = DataReport()
+    assert read_samples(other, report=report) == read_samples(plain)
+    assert report.ok == 0 and report.total == 0  # read_samples counts only rejections; none here
+    assert check_data(other).to_dict() == {"total": 4, "ok": 4, "rejected": {}}
+
+
+def test_json_array_followed_by_garbage_is_a_clear_error_naming_the_line(tmp_path, capsys):
+    good = json.dumps([_qa(i) for i in range(30)], indent=2)
+    path = tmp_path / "data.json"
+    path.write_text(good + "\nthis line is not JSON\n")
+    garbage_line = good.count("\n") + 2
+    with pytest.raises(
+        DataError, match=rf"data\.json:{garbage_line}: .*neither one JSON document nor JSON lines"
+    ):
+        read_samples(path)
+    with pytest.raises(SystemExit) as err:  # the CLI prints the message, not a traceback
+        main(["data", "check", str(path)])
+    assert f"data.json:{garbage_line}" in str(err.value) and str(err.value).startswith("error:")
+
+
+def test_a_file_that_is_neither_json_nor_jsonl_names_its_first_bad_line(tmp_path):
+    path = tmp_path / "table.jsonl"
+    path.write_text("id,question,answer\n1,What?,That.\n")
+    with pytest.raises(DataError, match=r"table\.jsonl:1: .*neither one JSON document nor JSON lines"):
+        read_samples(path)
+    broken = tmp_path / "broken.json"  # a JSON array with a syntax error in its 3rd record
+    body = json.dumps([_qa(i) for i in range(4)], indent=2)
+    cut = body.index('"g2"')
+    broken.write_text(body[:cut] + body[cut:].replace('"id"', "id", 1))
+    with pytest.raises(DataError, match=r"broken\.json:\d+: "):
+        read_samples(broken)
+
+
+def test_cli_check_without_max_length_flags_a_huge_first_turn(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    huge = _llava("huge", None, " ".join(["word"] * 40_000), "Fine.")
+    path.write_text("\n".join(json.dumps(r) for r in [_qa(0), huge, _qa(1)]) + "\n")
+    assert main(["data", "check", str(path), "--json", "--max-bad", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["rejected"] == {"too_long": 1}
+    report = check_data(path)  # the library default too: data.max_length's default
+    assert dict(report.rejected) == {"too_long": 1} and report.examples["too_long"] == "huge"
+    assert f"max_length={DataConfig().max_length}" in report.messages["too_long"]
+    assert check_data(path, max_length=0).ok == 3  # 0: no length check

@@ -14,7 +14,7 @@ from vlmkit.cli import main
 from vlmkit.eval import metrics as M
 from vlmkit.eval.benchmarks import BENCHMARKS, build_benchmark
 from vlmkit.eval.runner import load_predictions, score_predictions
-from vlmkit.eval.shapesworld import score_shapesworld
+from vlmkit.shapesworld.scoring import score_shapesworld
 
 from conftest import random_image
 
@@ -63,6 +63,26 @@ def test_pope_score_cli_per_split(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert out["random_yes_ratio"] == pytest.approx(2 / 3)
     assert out["popular_precision"] == 1.0 and out["popular_recall"] == 0.5
     assert out["popular_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_pope_official_rule_by_default_lenient_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rows = [(1, "no", "NO"), (2, "no", "Not really."), (3, "yes", "Yes, there is.")]
+    data = _jsonl(
+        tmp_path / "pope.jsonl",
+        [{"question_id": q, "image": "x.jpg", "text": "Is there a cat?", "label": lab} for q, lab, _ in rows],
+    )
+    preds = _jsonl(tmp_path / "answers.jsonl", [{"question_id": q, "text": a} for q, _, a in rows])
+    args = ("--benchmark", "pope", "--data", str(data), "--predictions", str(preds))
+    official = _score_cli(capsys, *args, "--out", str(tmp_path / "official"))
+    assert official["yes_ratio"] == 1.0  # "NO" and "Not really." are "yes" by the official rule
+    lenient = _score_cli(capsys, *args, "--out", str(tmp_path / "lenient"), "--lenient")
+    assert lenient["yes_ratio"] == pytest.approx(1 / 3) and lenient["accuracy"] == 1.0
+    for name, rule in (("official", "official"), ("lenient", "lenient")):
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["provenance"]["benchmark"]["answer_rule"] == rule
+        assert results["info"]["answer_rule"].startswith(rule)
 
 
 def test_pope_directory_of_split_files(tmp_path: Path) -> None:
@@ -342,7 +362,7 @@ def test_captioning_coco_json_with_coco_results_predictions(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------------ ShapesWorld
 @pytest.fixture(scope="module")
 def shapes_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     out = tmp_path_factory.mktemp("shapes")
     return generate_shapesworld(out, 0, seed=3, splits={"test": 6})["test"]

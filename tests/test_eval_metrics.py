@@ -9,24 +9,59 @@ import pytest
 from vlmkit.data.grounding import Box
 from vlmkit.eval import metrics as M
 
-
 # ------------------------------------------------------------------------------------------------------ POPE
+# The official rule (POPE's evaluate.py, also LLaVA's eval_pope.py): the text up to its first ".", commas deleted,
+# split on single spaces; "No", "no" or "not" among those words -> "no", else "yes". Case-sensitive, nothing
+# stripped, no other punctuation removed. The expected values are what that script gives for each text.
+OFFICIAL_POPE_CASES = [
+    ("Yes, there is a dog in the image.", "yes"),
+    ("No.", "no"),
+    ("no", "no"),
+    ("No, there is no cat", "no"),  # the comma is deleted: "No" is a word
+    ("There is not a dog.", "no"),
+    ("NO", "yes"),  # case-sensitive: "NO" is none of No / no / not
+    ("Not sure, maybe.", "yes"),  # "Not" is not "not"
+    ("Not at all.", "yes"),
+    ("I see a dog. There is no cat.", "yes"),  # only the first sentence counts
+    ("Nope", "yes"),  # not the word "no"
+    ("no!", "yes"),  # only commas are removed: "no!" is not "no"
+    ("No,there is none", "yes"),  # the comma is deleted, not replaced: "Nothere"
+    ("no\nthere is", "yes"),  # split on spaces only
+    (" No", "no"),  # nothing is stripped; "" and "No" are the words
+    ("It's not.", "no"),
+    ("There are 2.5 cats, no dogs", "yes"),  # the first "." ends the sentence, even inside a number
+    ("", "yes"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), OFFICIAL_POPE_CASES)
+def test_pope_yes_no_is_the_official_rule(text: str, expected: str) -> None:
+    assert M.pope_yes_no(text) == expected
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Yes, there is a dog in the image.", "yes"),
-        ("No.", "no"),
-        ("NO", "no"),  # lowercased first
-        ("There is not a dog.", "no"),
-        ("I see a dog. There is no cat.", "yes"),  # only the first sentence counts
-        ("No, there is no cat", "no"),  # the comma is dropped: "No" is a word
-        ("Nope", "yes"),  # not the word "no"
-        ("no\nthere is", "yes"),  # split on spaces only, as the official script does
-        ("", "yes"),
+        ("NO", "no"),
+        ("Not sure, maybe.", "no"),
+        ("no!", "no"),
+        ("No,there is none", "no"),
+        ("no\nthere is", "no"),
+        ("Yes, there is a dog.", "yes"),
+        ("I see a dog. There is no cat.", "yes"),  # still the first sentence only
+        ("Nope", "yes"),
     ],
 )
-def test_pope_yes_no_follows_official_rule(text: str, expected: str) -> None:
-    assert M.pope_yes_no(text) == expected
+def test_pope_yes_no_lenient_variant(text: str, expected: str) -> None:
+    assert M.pope_yes_no(text, lenient=True) == expected
+
+
+def test_pope_metrics_official_by_default_lenient_on_request() -> None:
+    answers, labels = ["NO", "Not really.", "Yes"], ["no", "no", "yes"]
+    official = M.pope_metrics(answers, labels, ["all"] * 3)
+    assert official["yes_ratio"] == 1.0 and official["accuracy"] == pytest.approx(1 / 3)
+    lenient = M.pope_metrics(answers, labels, ["all"] * 3, lenient=True)
+    assert lenient["yes_ratio"] == pytest.approx(1 / 3) and lenient["accuracy"] == 1.0
 
 
 def test_binary_metrics_hand_computed() -> None:

@@ -18,10 +18,10 @@ from vlmkit.cli import main
 from vlmkit.eval.benchmarks import build_benchmark
 from vlmkit.eval.choice import OptionTrie, constrained_choice, option_logprobs
 from vlmkit.eval.runner import config_sha256, run_eval
-from vlmkit.eval.shapesworld import TASK_METRICS, evaluate_shapesworld
 from vlmkit.infer.generate import ChatRequest, Predictor
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.scoring import TASK_METRICS, evaluate_shapesworld
 
 from conftest import random_image
 
@@ -164,7 +164,7 @@ def test_resume_regenerates_only_missing_items(tiny_vlm, pope_file: Path, tmp_pa
 
 
 def test_shapesworld_suite_end_to_end(tiny_vlm, tmp_path: Path) -> None:
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     split = generate_shapesworld(tmp_path / "sw", 0, seed=1, splits={"test": 4})["test"]
     records = json.loads(split.read_text())

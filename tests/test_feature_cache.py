@@ -16,9 +16,9 @@ from vlmkit.config import DataConfig, StageConfig
 from vlmkit.data.collate import Collator, PackingCollator, first_fit
 from vlmkit.data.dataset import VLMDataset
 from vlmkit.data.processor import ImageProcessor
-from vlmkit.data.synthetic import generate_shapesworld
 from vlmkit.models.vision import SmallViT
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.world import generate_shapesworld
 from vlmkit.train.data import StageData
 from vlmkit.train.feature_cache import FeatureCache, image_key, maybe_feature_cache, tower_fingerprint
 from vlmkit.train.metrics import read_metrics

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from vlmkit.data.dataset import DataReport, read_samples
 from vlmkit.data.formats import (
     Message,
     SampleError,
     detect_format,
-    load_samples,
     merge_image_turns,
     parse_record,
     read_records,
@@ -267,10 +267,15 @@ def test_jsonl_malformed_line_is_counted_not_raised(tmp_path):
     assert [i for i, _ in items] == [0, 1, 3, 4, 5]
     assert isinstance(items[1][1], Exception)
 
-    samples, reasons, examples = load_samples(path)
+    report = DataReport(source=str(path))
+    samples = read_samples(path, report=report)
     assert [s.id for s in samples] == ["0", "good"]
-    assert reasons == {"bad_schema": 2, "image_count_mismatch": 1}
-    assert examples == {"bad_schema": "line 2", "image_count_mismatch": "mismatch"}
+    assert report.rejected == {"malformed_json": 1, "bad_schema": 1, "image_count_mismatch": 1}
+    assert report.examples == {
+        "malformed_json": "line 2",
+        "bad_schema": "line 5",
+        "image_count_mismatch": "mismatch",
+    }
 
 
 # ------------------------------------------------------------------------------------------ merging turns

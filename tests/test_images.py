@@ -177,7 +177,8 @@ def test_pad_letterboxes_with_mean_color() -> None:
     assert out.getpixel((50, 50)) == (200, 10, 10)
     assert tf.apply_xy(0, 0) == (0.0, 25.0) and tf.apply_xy(200, 100) == (100.0, 75.0)
     tall, tf2 = resize_image(Image.new("RGB", (50, 200), (1, 2, 3)), 100, "pad", fill=fill)
-    assert (tf2.offset_x, tf2.offset_y) == (37.0, 0.0)  # content 25 wide, (100-25)//2 = 37
+    # expand2square: pasted at (200-50)//2 = 75 on the 200-px square, which is then halved
+    assert (tf2.offset_x, tf2.offset_y) == (37.5, 0.0)
     assert tall.getpixel((10, 50)) == fill and tall.getpixel((50, 50)) == (1, 2, 3)
 
 

@@ -48,7 +48,7 @@ def _cfg(data: str, **kw) -> PretrainVisionConfig:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> dict[str, str]:
-    from vlmkit.data.synthetic import generate_shapesworld
+    from vlmkit.shapesworld.world import generate_shapesworld
 
     out = tmp_path_factory.mktemp("shapes")
     paths = generate_shapesworld(out, 0, seed=3, image_size=32, splits={"train": 48, "val": 16})

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from vlmkit.cli import main
 from vlmkit.models.vlm import VisionLanguageModel
-from vlmkit.quickstart import TEXT_QUESTIONS
+from vlmkit.shapesworld.quickstart import TEXT_QUESTIONS
 
 REQUIRED = (
     "attribute_qa_acc",

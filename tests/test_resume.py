@@ -46,7 +46,7 @@ QUICK_SMALL = [
     "pretrain_vision.batch_size=8",
     "pretrain_vision.threads=1",
 ]
-PRELOAD = ["vlmkit.cli", "vlmkit.train.trainer", "vlmkit.train.data", "vlmkit.data.synthetic", "peft"]
+PRELOAD = ["vlmkit.cli", "vlmkit.train.trainer", "vlmkit.train.data", "vlmkit.shapesworld.world", "peft"]
 
 
 # ------------------------------------------------------------------------------------------------ runs

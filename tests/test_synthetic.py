@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmkit.cli import main
 from vlmkit.data.grounding import Box, format_box, parse_boxes
-from vlmkit.data.synthetic import (
+from vlmkit.shapesworld.world import (
     ALL_TASKS,
     COLORS,
     POPE_SPLITS,
@@ -303,8 +303,8 @@ def test_cli_rejects_bad_splits(tmp_path: Path) -> None:
 def test_describe_first_lists_the_objects_then_answers_and_scores_like_the_short_answer(
     tmp_path: Path,
 ) -> None:
-    from vlmkit.data.synthetic import described_answer
-    from vlmkit.eval.shapesworld import score_shapesworld
+    from vlmkit.shapesworld.scoring import score_shapesworld
+    from vlmkit.shapesworld.world import described_answer
 
     tasks = ["caption", "counting", "pope", "spatial"]
     short = _load(generate_shapesworld(tmp_path / "a", 0, seed=5, tasks=tasks, splits={"train": 60})["train"])

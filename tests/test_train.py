@@ -213,3 +213,86 @@ def test_recipe_tower_pretraining_reruns_only_when_its_settings_change(tmp_path)
     assert run(2)["steps"] == 2  # same settings: the pretrained tower is reused as it is
     assert (tmp_path / "vision-pretrain" / "vision.safetensors").stat().st_mtime_ns == stamp
     assert run(3)["steps"] == 3  # other settings: pretrained again, not silently reused
+
+
+# ------------------------------------------------------------------------------------- data problems, said
+def _own_file(path, n_good: int, n_bad: int = 0) -> str:
+    """A LLaVA JSONL of text-only records with no `task` field, then `n_bad` records without an answer."""
+    rows = [
+        {
+            "id": f"g{i}",
+            "conversations": [{"from": "human", "value": f"Q{i}?"}, {"from": "gpt", "value": "A."}],
+        }
+        for i in range(n_good)
+    ]
+    rows += [{"id": f"b{i}", "conversations": [{"from": "human", "value": "Q?"}]} for i in range(n_bad)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_too_many_bad_samples_is_a_message_not_a_traceback(tmp_path):
+    data = _own_file(tmp_path / "mine.jsonl", 16, 8)
+    with pytest.raises(SystemExit) as err:
+        main(
+            [
+                "train",
+                TINY,
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                f"data.train={data}",
+                "stages.0.tasks=[]",
+            ]
+        )
+    message = str(err.value)
+    assert message.startswith("error: ") and "mine.jsonl" in message and "max_bad" in message
+    assert "no_assistant_turn" in message
+
+
+def test_a_task_filter_that_keeps_nothing_names_the_filter_and_the_tasks_found(tmp_path):
+    data = _own_file(tmp_path / "mine.jsonl", 16)  # configs/tiny.yaml's stage 0 keeps `tasks: [caption]`
+    with pytest.raises(SystemExit) as err:
+        main(["train", TINY, "--out", str(tmp_path / "run"), "--set", f"data.train={data}"])
+    message = str(err.value)
+    assert message.startswith("error: ") and "mine.jsonl" in message
+    assert "tasks" in message and "caption" in message  # the filter
+    assert "16 records have no `task` field" in message  # what the file holds
+
+
+@pytest.mark.parametrize("tower", ["vit", "clip", "dinov2+siglip"])
+def test_gradient_checkpointing_recomputes_the_vision_tower_blocks(tower):
+    """`train.gradient_checkpointing` checkpoints the tower's blocks too: blocks run again during backward
+    (their activations were not kept), and the gradients are those of the plain forward."""
+    from vlmkit.train.trainer import _enable_gradient_checkpointing
+
+    from conftest import TINY_TOWERS, tiny_model_config
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(tiny_model_config(vision=TINY_TOWERS[tower])).train()
+    pixels = torch.randn(2, 3, model.vision.image_size, model.vision.image_size)
+    blocks = [m for m in model.vision.modules() if isinstance(m, model.vision.block_cls)]
+    calls = []
+    for block in blocks:  # a block's runs, counted by its first LayerNorm's `forward` (hooks do not fire
+        norm = next(m for m in block.modules() if isinstance(m, torch.nn.LayerNorm))  # when recomputing)
+
+        def counted(*args, _forward=norm.forward, **kwargs):
+            calls.append(1)
+            return _forward(*args, **kwargs)
+
+        norm.forward = counted
+
+    def tower_grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        model.vision(pixels).float().pow(2).mean().backward()
+        return [p.grad.clone() for p in model.vision.parameters() if p.grad is not None]
+
+    plain = tower_grads()
+    assert len(calls) == len(blocks)
+    _enable_gradient_checkpointing(model)
+    checkpointed = tower_grads()
+    # forward, then the recomputation during backward (of the blocks up to `select_layer`)
+    assert len(calls) > len(blocks)
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b)

@@ -219,3 +219,46 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         after = loaded(**batch).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def _packing_item(sid: str, ids: list[int], images: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "id": sid,
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(ids),
+        "pixel_values": torch.randn(images, 3, 32, 32, generator=g) if images else None,
+        "image_count": images,
+        "num_tiles": [1] * images,
+        "length": len(ids),
+    }
+
+
+def test_packed_samples_cross_attend_only_to_their_own_images():
+    """A packed row under xattn: each sample's tokens see only that sample's images, so its logits equal the
+    unpacked ones (a text-only sample after an image sample sees no image; text before a sample's own first
+    image sees none either)."""
+    from vlmkit.data.collate import Collator, PackingCollator, model_inputs
+
+    model = _model()
+    _open_gates(model)
+    tok, pad = model.image_token_id, model.tokenizer.pad_token_id
+    g = torch.Generator().manual_seed(0)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(5, 700, (n,), generator=g).tolist()
+
+    items = [
+        _packing_item("image", [1, *text(3), tok, *text(8)], images=1, seed=1),
+        _packing_item("text-only", [1, *text(11)], images=0, seed=2),
+        _packing_item("image-later", [1, *text(4), tok, *text(5), tok, *text(3)], images=2, seed=3),
+    ]
+    packed = PackingCollator(pad, max_length=64)(items)
+    assert packed["sample_ids"] == ["image+text-only+image-later"]  # one row: the samples share it
+    unpacked = Collator(pad, padding_side="right")(items)
+    with torch.no_grad():
+        logits_p = model(**model_inputs(packed)).logits  # [1, 64, V]
+        logits_u = model(**model_inputs(unpacked)).logits  # [3, T, V]
+    for k, item in enumerate(items):
+        cols = (packed["sample_index"][0] == k).nonzero().squeeze(1)
+        torch.testing.assert_close(logits_p[0, cols], logits_u[k, : item["length"]], atol=1e-4, rtol=1e-4)

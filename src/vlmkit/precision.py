@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -17,18 +18,49 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+def resolve_precision(precision: str, device: str | None = None) -> str:
+    """`auto` -> `bf16` where the hardware supports it (CUDA bf16, or a CPU with native bf16), else `fp32`;
+    `bf16` and `fp32` stay as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision '{precision}' is not one of auto, bf16, fp32")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_supported() else "fp32"
+
+
 def autocast_context(precision: str, device: str | None = None):
     """Mixed precision: `auto` is bf16 where the hardware supports it (CUDA bf16, or a CPU with native bf16),
     else fp32; `bf16` forces it; `fp32` disables it."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision '{precision}' is not one of auto, bf16, fp32")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if precision == "fp32":
+    if resolve_precision(precision, device) == "fp32":
         return nullcontext()
-    if device == "cuda":
-        if precision == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-    if precision == "bf16" or cpu_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+
+
+def frozen_to_bf16(
+    module: nn.Module, linear_only: bool = True, skip: set[int] = frozenset()
+) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """Store `module`'s frozen floating-point parameters in bf16, in place (the same Parameter objects);
+    returns (parameter, previous dtype) pairs to restore them.
+
+    For training under bf16 autocast. `linear_only`: only the weights and biases of `nn.Linear` layers, which
+    autocast casts to bf16 at every use anyway, so the step computes exactly what it computed with fp32
+    storage, without a cast of every weight in every forward and without those copies kept for backward.
+    Otherwise every frozen parameter (embeddings, norms): the hidden states then stay in bf16 as well, as in a
+    model loaded in bf16. `skip`: ids of parameters to leave (e.g. an embedding table tied to the LM head).
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear)] if linear_only else [module]
+    seen: set[int] = set(skip)
+    changed = []
+    for layer in layers:
+        for param in layer.parameters(recurse=not linear_only):
+            if id(param) in seen or param.requires_grad or not param.is_floating_point():
+                continue
+            seen.add(id(param))
+            if param.dtype != torch.bfloat16:
+                changed.append((param, param.dtype))
+                param.data = param.data.to(torch.bfloat16)
+    return changed

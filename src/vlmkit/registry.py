@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -58,6 +59,8 @@ class Registry(Generic[T]):
         return out
 
     def get(self, name: str) -> T:
+        if name not in self._entries:  # a plugin's part: import the plugins once, then look again
+            importlib.import_module("vlmkit.plugins").load_plugins()
         try:
             return self._entries[name]
         except KeyError:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from vlmkit.config import DataConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     _register_synth(sub)
     _register_check(sub)
+    _register_shard(sub)
 
 
 # ---------------------------------------------------------------------------------------- data synth
@@ -27,7 +31,7 @@ def _parse_splits(text: str) -> dict[str, int]:
 
 
 def _parse_tasks(text: str) -> list[str]:
-    from vlmkit.data.synthetic import ALL_TASKS
+    from vlmkit.shapesworld.world import ALL_TASKS
 
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in ALL_TASKS]
@@ -72,7 +76,7 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from vlmkit.data.synthetic import ALL_TASKS, generate_shapesworld
+    from vlmkit.shapesworld.world import ALL_TASKS, generate_shapesworld
 
     paths = generate_shapesworld(
         args.out,
@@ -111,7 +115,13 @@ def _register_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-bad", type=float, default=0.05, help="largest acceptable rejected/total (default 0.05)"
     )
-    p.add_argument("--max-length", type=int, default=None, help="flag samples longer than this (tokens)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="flag samples whose first round is longer than this many tokens (estimated without --model); "
+        f"default: a recipe's default data.max_length ({DataConfig().max_length}); 0: no length check",
+    )
     p.add_argument(
         "--tokens-per-image", type=int, default=0, help="visual tokens per image for the length estimate"
     )
@@ -126,23 +136,33 @@ def _register_check(sub: argparse._SubParsersAction) -> None:
 
 def _processor(model_dir: str):
     """A saved model's processor (its tokenizer and settings; no weights are loaded)."""
-    from pathlib import Path
-
     from vlmkit.data.processor import PROCESSOR_NAME, Processor
 
     if (Path(model_dir) / PROCESSOR_NAME).is_file():
         return Processor.from_pretrained(model_dir)
-    from vlmkit.models.vlm import VisionLanguageModel  # saved by an older vlmkit: build the model once
+    import torch
+    from transformers import AutoTokenizer
 
-    return VisionLanguageModel.from_pretrained(model_dir).processor
+    from vlmkit.config import ModelConfig, from_dict
+    from vlmkit.models.vlm import CONFIG_NAME, VisionLanguageModel
+
+    # saved by a vlmkit before the Processor: the model's config built on the meta device (no weights read)
+    path = Path(model_dir)
+    if not (path / CONFIG_NAME).is_file():
+        raise SystemExit(f"error: {model_dir} has no {CONFIG_NAME}: not a vlmkit model directory")
+    cfg = from_dict(ModelConfig, json.loads((path / CONFIG_NAME).read_text())["model"])
+    try:
+        with torch.device("meta"):
+            return VisionLanguageModel.from_config(cfg, AutoTokenizer.from_pretrained(path)).processor
+    except (RuntimeError, NotImplementedError):  # a part that computes from its weights when it is built
+        return VisionLanguageModel.from_pretrained(path).processor
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     import contextlib
     import sys
-    from pathlib import Path
 
-    from vlmkit.data.dataset import check_data
+    from vlmkit.data.dataset import DataError, check_data
 
     if not Path(args.file).is_file():
         raise SystemExit(f"error: no such data file: {args.file}")
@@ -150,17 +170,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with quiet:
         processor = _processor(args.model) if args.model else None
-        report = check_data(
-            args.file,
-            args.image_root,
-            fmt=args.format,
-            max_length=args.max_length,
-            tokens_per_image=args.tokens_per_image,
-            max_pixels=args.max_pixels,
-            max_bytes=args.max_bytes,
-            processor=processor,
-            num_workers=args.workers,
-        )
+        try:
+            report = check_data(
+                args.file,
+                args.image_root,
+                fmt=args.format,
+                max_length=args.max_length,
+                tokens_per_image=args.tokens_per_image,
+                max_pixels=args.max_pixels,
+                max_bytes=args.max_bytes,
+                processor=processor,
+                num_workers=args.workers,
+            )
+        except DataError as err:
+            raise SystemExit(f"error: {err}") from None
     too_bad = report.bad_fraction > args.max_bad
     if args.json:
         print(json.dumps(report.to_dict()))
@@ -174,3 +197,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
             f"(max-bad {args.max_bad:.1%}): {'FAIL' if too_bad else 'ok'}"
         )
     return 1 if too_bad else 0
+
+
+# ---------------------------------------------------------------------------------------- data shard
+def _register_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shard",
+        help="write a data file's records into WebDataset tar or Parquet shards, images embedded",
+        description="Write FILE's records into shards of --shard-size records with each image's bytes "
+        "embedded, plus OUT/shards.json (paths and record counts). Name OUT (or a glob of its shards) in "
+        "data.train to stream them while training. Records whose images cannot be read are left out and "
+        "reported; images are copied as they are (bad ones are skipped and counted when training reads them).",
+    )
+    p.add_argument("file", help="LLaVA JSON/JSONL, caption JSONL, `messages` JSONL or Qwen-VL JSON")
+    p.add_argument("--out", required=True, help="output directory (must not hold shards yet)")
+    p.add_argument(
+        "--image-root", default=None, help="directory image paths are relative to (default: FILE's)"
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="records per shard (default 1000)")
+    p.add_argument(
+        "--format", default="wds", choices=("wds", "parquet"), help="WebDataset .tar (default) or .parquet"
+    )
+    p.set_defaults(func=_cmd_shard)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vlmkit.data.sources.writer import write_shards
+
+    if not Path(args.file).is_file():
+        raise SystemExit(f"error: no such data file: {args.file}")
+    try:
+        shards, report = write_shards(
+            args.file, args.out, image_root=args.image_root, shard_size=args.shard_size, kind=args.format
+        )
+    except (FileExistsError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for shard in shards:
+        print(f"{shard.path}: {shard.count} records")
+    print(f"{report.summary()}; index: {Path(args.out) / 'shards.json'}")
+    return 0

@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--annotations", default=None, help="vqav2: the official annotations JSON")
     g.add_argument("--prompt-suffix", default=None, help="replace the benchmark's instruction suffix")
     g.add_argument("--grounding-format", default=None, choices=("qwen", "kosmos", "shikra", "pixel"))
+    g.add_argument(
+        "--lenient",
+        action="store_true",
+        help='pope: read answers lowercased ("NO" -> no) instead of by the official case-sensitive rule; '
+        "recorded in the results, not comparable with published numbers",
+    )
 
     g = p.add_argument_group("run (MODEL_DIR)")
     g.add_argument("--out", default=None, help="output dir (default runs/eval/<benchmark>-<timestamp>)")
@@ -114,6 +120,8 @@ def _judge(args: argparse.Namespace, out: Path | None) -> Any:
 def _benchmark(args: argparse.Namespace, out: Path | None) -> Any:
     from vlmkit.eval.benchmarks import build_benchmark
 
+    if args.lenient and args.benchmark != "pope":
+        raise SystemExit(f"error: --lenient is a POPE answer rule; benchmark '{args.benchmark}' has none")
     try:
         return build_benchmark(
             args.benchmark,
@@ -126,6 +134,7 @@ def _benchmark(args: argparse.Namespace, out: Path | None) -> Any:
             target=args.mc_target,
             reduce=args.mc_reduce,
             judge=_judge(args, out),
+            lenient=args.lenient or None,
         )
     except (KeyError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None

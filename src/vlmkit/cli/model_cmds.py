@@ -7,15 +7,19 @@ from pathlib import Path
 
 
 def _export(args: argparse.Namespace) -> int:
-    from vlmkit.models.hf_export import ExportError, export_hf
+    from vlmkit.models.hf_export import ExportError, export_hf, export_plan
     from vlmkit.models.vlm import VisionLanguageModel
 
     model = VisionLanguageModel.from_pretrained(args.model_dir)
     try:
+        plan = export_plan(model)
         out = export_hf(model, args.out_dir)
     except ExportError as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {out} (transformers LlavaForConditionalGeneration + processor; vLLM: vllm serve {out})")
+    print(
+        f"wrote {out} (transformers {plan.architecture} + processor with the training preprocessing and chat "
+        f"template; vLLM: python -m vllm.entrypoints.openai.api_server --model {out})"
+    )
     return 0
 
 
@@ -53,6 +57,13 @@ def _info(args: argparse.Namespace) -> int:
         f"visual tokens per image: {model.tokens_per_image()}  "
         f"(tower {model.vision.num_patches()} patches -> bridge {type(model.bridge).__name__})"
     )
+    if model.llava_next:  # LLaVA-NeXT layout: the count follows the image's size
+        proc, s = model.processor, model.vision.image_size
+        examples = ", ".join(
+            f"{w}x{h}: {proc.image_tokens(proc.images.layout((w, h)))}"
+            for w, h in ((s, s), (2 * s, s), (3 * s, 2 * s))
+        )
+        console.print(f"anyres_layout llava_next: tokens per image follow its size ({examples})")
     size = model.vision.image_size
     console.print(
         f"GPT-4V/4o would count an image of the model's input size {size}x{size} as "
@@ -63,12 +74,16 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export-hf", help="export a vlmkit model to transformers Llava (and vLLM)")
+    p = subparsers.add_parser(
+        "export-hf", help="export a vlmkit model to transformers Llava / LlavaNext (and vLLM)"
+    )
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=_export)
 
-    p = subparsers.add_parser("import-hf", help="import a transformers Llava checkpoint directory")
+    p = subparsers.add_parser(
+        "import-hf", help="import a transformers Llava / LlavaNext checkpoint directory"
+    )
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=_import)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from vlmkit.quickstart import print_report, run_quickstart
+    from vlmkit.shapesworld.quickstart import print_report, run_quickstart
 
     results = run_quickstart(args.out, tiny=args.tiny, overrides=args.set, resume=args.resume)
     print_report(results, Path(args.out))

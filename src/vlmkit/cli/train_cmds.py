@@ -7,7 +7,9 @@ import argparse
 
 def _train(args: argparse.Namespace) -> int:
     from vlmkit.config import ConfigError, RecipeConfig, load_config
+    from vlmkit.data.formats import DataError
     from vlmkit.train.checkpoint import NoSpaceError
+    from vlmkit.train.stages import QuantizationUnavailableError
     from vlmkit.train.trainer import RunDirError, train
 
     try:
@@ -16,8 +18,8 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {err}") from None
     try:
         final = train(recipe, args.out, resume=args.resume)
-    except (RunDirError, NoSpaceError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (RunDirError, NoSpaceError, DataError, QuantizationUnavailableError, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None  # what the user can fix: a message, not a traceback
     from vlmkit.train.strategies import rank
 
     if rank() == 0:

@@ -25,6 +25,7 @@ MODEL_INPUT_KEYS = (
     "sample_ids",
     "vision_features",
     "label_weights",
+    "image_sizes",
 )
 
 
@@ -50,9 +51,12 @@ def _concat_pixels(samples: Sequence[Mapping[str, Any]], key: str = "pixel_value
 
 
 def _with_features(batch: dict[str, Any], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add `vision_features` [I, N, Dv] (in `samples` order) when the items carry cached features."""
+    """Add `vision_features` [I, N, Dv] (in `samples` order) when the items carry cached features, and
+    `image_sizes` (every image's (width, height), in the same order) when the items carry them."""
     if any(s.get("vision_features") is not None for s in samples):
         batch["vision_features"] = _concat_pixels(samples, "vision_features")
+    if any(s.get("image_sizes") for s in samples):
+        batch["image_sizes"] = [tuple(size) for s in samples for size in s.get("image_sizes") or ()]
     return batch
 
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import dataclasses
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,15 +20,18 @@ import torch
 from vlmkit.config import DataConfig
 from vlmkit.data.formats import (
     DEFAULT_CAPTION_INSTRUCTIONS,
+    DataError,
     Sample,
     SampleError,
     merge_image_turns,
     parse_record,
     read_records,
+    select_tasks,
 )
 from vlmkit.data.images import ImageError
 from vlmkit.data.processor import ImageProcessor, Processor
 from vlmkit.data.prompts import EncodedSample
+from vlmkit.data.sources.shards import RawRecord, Shard, find_shards, is_sharded, read_shard
 from vlmkit.log import get_logger
 
 log = get_logger(__name__)
@@ -38,7 +42,7 @@ _WORDS = re.compile(r"\w+|[^\w\s]+")
 
 
 # ------------------------------------------------------------------------------------------------ report
-class DataQualityError(ValueError):
+class DataQualityError(DataError):
     """Too large a share of a data file was rejected (see `DataReport.check`)."""
 
 
@@ -145,7 +149,9 @@ def read_samples(
 ) -> list[Sample]:
     """Parse every record of a JSON/JSONL file; bad records are counted in `report` (never raised).
 
-    Reasons: malformed_json (a JSONL line that is not JSON), bad_schema, no_assistant_turn, image_count_mismatch.
+    Reasons: malformed_json (a JSONL line that is not JSON), bad_encoding (bytes that are not UTF-8; the sample
+    id names the line), bad_schema, no_assistant_turn, image_count_mismatch. A file that is not records at all
+    (neither one JSON document nor JSON lines) raises `DataError` naming its first bad line.
     """
     report = report if report is not None else DataReport(source=str(path))
     samples: list[Sample] = []
@@ -165,11 +171,11 @@ def read_samples(
 
 def _check_images(
     sample: Sample, images: ImageProcessor, image_root: str | Path | None
-) -> list[int] | tuple[str, str]:
-    """Open every image of `sample` within the limits: the tile count of each, or (reason, message) for the
-    first bad one."""
+) -> list[tuple[int, int]] | tuple[str, str]:
+    """Open every image of `sample` within the limits: the (width, height) of each, or (reason, message) for
+    the first bad one."""
     try:
-        return [images.num_tiles(images.open(image_source(ref, image_root)).size) for ref in sample.images]
+        return [images.open(image_source(ref, image_root)).size for ref in sample.images]
     except (ImageError, SampleError) as err:
         return err.reason, str(err)
 
@@ -216,8 +222,8 @@ class VLMDataset(torch.utils.data.Dataset):
         self.encoded: list[EncodedSample] = []
         # Images are checked in threads (decoding releases the GIL); the tokenizer runs in this thread only.
         check = partial(_check_images, images=self.images, image_root=image_root)
-        for sample, tiles in zip(samples, _map(check, samples, num_workers)):
-            result = tiles if isinstance(tiles, tuple) else self._encode(sample, tiles)
+        for sample, sizes in zip(samples, _map(check, samples, num_workers)):
+            result = sizes if isinstance(sizes, tuple) else self._encode(sample, sizes)
             if isinstance(result, EncodedSample):
                 self.encoded.append(result)
                 self.report.accept()
@@ -229,10 +235,10 @@ class VLMDataset(torch.utils.data.Dataset):
     def images(self) -> ImageProcessor:
         return self.processor.images
 
-    def _encode(self, sample: Sample, tiles: list[int]) -> EncodedSample | tuple[str, str]:
+    def _encode(self, sample: Sample, sizes: list[tuple[int, int]]) -> EncodedSample | tuple[str, str]:
         """The encoded sample, or (reason, message) when it must be skipped."""
         try:
-            return self.processor.encode_training(sample, tiles, self.max_length)
+            return self.processor.encode_training(sample, max_length=self.max_length, sizes=sizes)
         except SampleError as err:
             return err.reason, str(err)
 
@@ -248,8 +254,8 @@ class VLMDataset(torch.utils.data.Dataset):
         tasks: Sequence[str] | None = None,
         merge_turns: bool = False,
     ) -> VLMDataset:
-        """Read `path` (any supported format) and encode it with `processor`. Relative image paths resolve
-        against `cfg.image_root`, else the data file's directory.
+        """Read `path` (any supported format, or shards: read whole into memory) and encode it with
+        `processor`. Relative image paths resolve against `cfg.image_root`, else the data file's directory.
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
         `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
@@ -257,9 +263,14 @@ class VLMDataset(torch.utils.data.Dataset):
         multi-turn conversation (`merge_image_turns`).
         """
         report = DataReport(source=str(path))
-        samples = read_samples(path, cfg.format, report=report, caption_instructions=cfg.caption_instructions)
+        if is_sharded(str(path)):  # read whole: for validation splits (training streams them, see loader.py)
+            shards = find_shards(str(path))
+            read = partial(read_shard_samples, shards)
+        else:
+            read = partial(read_samples, path)
+        samples = read(cfg.format, report=report, caption_instructions=cfg.caption_instructions)
         if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
-            samples = [smp for smp in samples if smp.meta.get("task") in set(tasks)]
+            samples = select_tasks(samples, tasks, path)
         if merge_turns:
             before = len(samples)
             samples = merge_image_turns(samples)
@@ -296,32 +307,134 @@ class VLMDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         enc = self.encoded[index]
         if self.feature_source is not None:  # cached tower output, one [tiles, N, Dv] per image: no decoding
-            pixels, field_name = [self.feature_source(ref) for ref in enc.images], "vision_features"
-        else:
-            pixels, field_name = self._pixels(enc), "pixel_values"  # one [tiles, 3, S, S] per image
-        for ref, p, tiles in zip(enc.images, pixels, enc.num_tiles):
-            if p.shape[0] != tiles:
-                raise RuntimeError(
-                    f"sample '{enc.id}': image {ref} gave {p.shape[0]} tiles, {tiles} at validation"
-                )
-        item: dict[str, Any] = {
-            "id": enc.id,
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),  # [T]
-            "labels": torch.tensor(enc.labels, dtype=torch.long),  # [T]
-            "pixel_values": None,
-            "image_count": len(enc.images),
-            "num_tiles": list(enc.num_tiles),
-            "length": len(enc.input_ids),
-        }
-        # pixel_values [sum tiles, 3, S, S] | vision_features [sum tiles, N, Dv] | None
-        item[field_name] = torch.cat(pixels) if pixels else None
-        return item
+            return make_item(enc, [self.feature_source(ref) for ref in enc.images], "vision_features")
+        return make_item(enc, self._pixels(enc))  # one [tiles, 3, S, S] per image
 
     def _pixels(self, enc: EncodedSample) -> list[torch.Tensor]:
         try:
             return [self.load_pixels(ref) for ref in enc.images]
         except (ImageError, SampleError) as err:  # validated at construction: the file changed since
             raise RuntimeError(f"sample '{enc.id}': an image changed after validation: {err}") from err
+
+
+def make_item(
+    enc: EncodedSample, pixels: Sequence[torch.Tensor], field_name: str = "pixel_values"
+) -> dict[str, Any]:
+    """An encoded sample + one tensor per kept image ([tiles, 3, S, S] pixels, or [tiles, N, Dv] cached
+    features with `field_name="vision_features"`) -> the item `Collator` / `PackingCollator` take."""
+    for ref, p, tiles in zip(enc.images, pixels, enc.num_tiles):
+        if p.shape[0] != tiles:
+            raise RuntimeError(
+                f"sample '{enc.id}': image {ref} gave {p.shape[0]} tiles, {tiles} at validation"
+            )
+    item: dict[str, Any] = {
+        "id": enc.id,
+        "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),  # [T]
+        "labels": torch.tensor(enc.labels, dtype=torch.long),  # [T]
+        "pixel_values": None,
+        "image_count": len(enc.images),
+        "num_tiles": list(enc.num_tiles),
+        "image_sizes": list(enc.image_sizes),  # (width, height) of each image
+        "length": len(enc.input_ids),
+    }
+    # pixel_values [sum tiles, 3, S, S] | vision_features [sum tiles, N, Dv] | None
+    item[field_name] = torch.cat(list(pixels)) if len(pixels) else None
+    return item
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+def parse_shard_record(
+    raw: RawRecord, fmt: str = "auto", caption_instructions: Sequence[str] = DEFAULT_CAPTION_INSTRUCTIONS
+) -> Sample:
+    """A shard record -> `Sample` with `parse_record` (raises `SampleError` with a reason). A caption record's
+    instruction is chosen by a stable number of the record (from its shard and key)."""
+    if isinstance(raw.record, SampleError):
+        raise raw.record
+    index = zlib.crc32(raw.key.encode())
+    return parse_record(raw.record, fmt, index=index, caption_instructions=caption_instructions)
+
+
+@dataclass
+class RecordEncoder:
+    """One shard record -> a training item, checked as `VLMDataset` checks a sample (parsed, images opened
+    within the limits, placeholders expanded, `max_length` enforced), each image decoded once.
+
+    The streaming counterpart of `VLMDataset`: it holds only the processor and settings, so it pickles into
+    data-loader workers. A record that cannot be used gives (reason, sample id, message) instead of an item.
+    """
+
+    processor: Processor
+    fmt: str = "auto"
+    image_root: str | Path | None = None
+    max_length: int | None = 512
+    caption_instructions: Sequence[str] = DEFAULT_CAPTION_INSTRUCTIONS
+
+    def sample(self, raw: RawRecord) -> Sample:
+        """The parsed record (raises `SampleError` with a reason)."""
+        return parse_shard_record(raw, self.fmt, self.caption_instructions)
+
+    def __call__(self, raw: RawRecord) -> dict[str, Any] | tuple[str, str, str]:
+        try:
+            sample = self.sample(raw)
+        except SampleError as err:
+            return err.reason, err.sample_id or raw.key, str(err)
+        images = self.processor.images
+        try:
+            opened = {
+                ref: images.open(shard_image_source(raw, ref, self.image_root, sample.images))
+                for ref in dict.fromkeys(sample.images)
+            }
+            sizes = [opened[ref].size for ref in sample.images]
+            enc = self.processor.encode_training(sample, max_length=self.max_length, sizes=sizes)
+        except (ImageError, SampleError) as err:
+            return err.reason, sample.id, str(err)
+        return make_item(enc, [images.tensors(opened[ref]) for ref in enc.images])
+
+    def length(self, raw: RawRecord) -> int:
+        """Estimated tokens of a record, without a tokenizer or any image (for length grouping; 0 if bad)."""
+        try:
+            sample = self.sample(raw)
+        except SampleError:
+            return 0
+        per_image = self.processor.tokens_per_image(1)
+        return sum(estimate_tokens(m.text) + m.num_images * per_image for m in sample.messages)
+
+
+def read_shard_samples(
+    shards: Sequence[Shard],
+    fmt: str = "auto",
+    *,
+    report: DataReport | None = None,
+    caption_instructions: Sequence[str] = DEFAULT_CAPTION_INSTRUCTIONS,
+) -> list[Sample]:
+    """Every record of `shards` parsed into memory, embedded images as `data:` URLs (for validation splits,
+    which are read whole); bad records are counted in `report` as `read_samples` counts them."""
+    report = report if report is not None else DataReport()
+    samples = []
+    for shard in shards:
+        for raw in read_shard(shard):
+            try:
+                sample = parse_shard_record(raw, fmt, caption_instructions)
+                refs = {ref: _embedded(raw, ref, sample.images) for ref in dict.fromkeys(sample.images)}
+            except SampleError as err:
+                report.reject(err.reason, err.sample_id or raw.key, str(err))
+                continue
+            samples.append(dataclasses.replace(sample, images=[refs[ref] for ref in sample.images]))
+    return samples
+
+
+def _embedded(raw: RawRecord, ref: str, refs: list[str]) -> str:
+    """An embedded image as a `data:` URL; a ref that names a file stays as it is."""
+    data = raw.embedded(ref, refs)
+    return ref if data is None else "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def shard_image_source(
+    raw: RawRecord, ref: str, image_root: str | Path | None, refs: list[str] | None = None
+) -> str | Path | bytes:
+    """A shard record's image: its embedded bytes, else the ref resolved as a file (`image_source`)."""
+    data = raw.embedded(ref, refs)
+    return data if data is not None else image_source(ref, image_root)
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -357,10 +470,12 @@ def check_data(
     """Validate a data file and return its `DataReport`; never raises on bad records.
 
     Without `processor` no tokenizer is needed: records are parsed, image markers counted against images, every
-    image opened within the limits, and (when `max_length` is given) the first round's length estimated with
-    `estimate_tokens` + `tokens_per_image` per image. With a model's `processor`, the exact training path is run
-    (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given here override it.
-    Image limits default to `data_cfg`'s; relative image paths resolve against `image_root`, else the file's dir.
+    image opened within the limits, and the first round's length estimated with `estimate_tokens` +
+    `tokens_per_image` per image and flagged `too_long` over `max_length`. With a model's `processor`, the exact
+    training path is run (`VLMDataset.from_config`) with `data_cfg` (default `DataConfig()`); the arguments given
+    here override it. `max_length` None is `data_cfg.max_length` (512 by default, a recipe's `data.max_length`),
+    0 checks no length. Image limits default to `data_cfg`'s; relative image paths resolve against
+    `image_root`, else the file's dir.
     """
     cfg = dataclasses.replace(data_cfg) if data_cfg is not None else DataConfig()
     cfg.format = fmt
@@ -368,9 +483,10 @@ def check_data(
         cfg.image_root = str(image_root)
     limits = {"max_image_pixels": max_pixels, "max_image_bytes": max_bytes}
     limits = {k: v for k, v in limits.items() if v is not None}
+    if max_length is None:
+        max_length = cfg.max_length
     if processor is not None:
-        if max_length is not None:
-            cfg.max_length = max_length
+        cfg.max_length = max_length or None  # type: ignore[assignment]  # None: no limit
         processor = processor.replace(**limits) if limits else processor
         return VLMDataset.from_config(
             cfg, path, processor, num_workers=num_workers, enforce_max_bad=False
@@ -385,7 +501,7 @@ def check_data(
         bad = _check_images(sample, images, root)
         if isinstance(bad, tuple):
             return bad
-        if max_length is not None:
+        if max_length:
             n = _first_round_estimate(sample, tokens_per_image)
             if n > max_length:
                 return "too_long", f"~{n} tokens (estimated) > max_length={max_length}"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import random
 import re
 import zlib
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vlmkit.config import DataConfig
 from vlmkit.constants import IMAGE_MARKER
+from vlmkit.data.records import BAD_ENCODING, DataError, SampleError, read_records  # noqa: F401  (re-exported)
+from vlmkit.data.samples import (  # noqa: F401  (re-exported)
+    Message,
+    Sample,
+    image_part,
+    merge_image_turns,
+    select_tasks,
+    split_markers,
+    text_part,
+)
 from vlmkit.log import get_logger
 from vlmkit.registry import Registry
 
@@ -38,68 +43,11 @@ _ROLE_ALIASES = {
 _QWEN_IMG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 
 
-class SampleError(ValueError):
-    """A sample that cannot be used; `reason` is a short machine-readable key, `sample_id` names it."""
-
-    def __init__(self, reason: str, message: str = "", *, sample_id: str | None = None) -> None:
-        self.reason = reason
-        self.sample_id = sample_id
-        where = f" [{sample_id}]" if sample_id is not None else ""
-        super().__init__(f"{reason}{where}: {message}" if message else f"{reason}{where}")
-
-
-@dataclass
-class Message:
-    """One turn. `content` parts, in order: {"type": "text", "text": str} | {"type": "image"} (the i-th image
-    part of a sample is `Sample.images[i]`)."""
-
-    role: str
-    content: list[dict[str, Any]]
-
-    @property
-    def text(self) -> str:
-        """The turn's text parts joined (images left out)."""
-        return "".join(p["text"] for p in self.content if p["type"] == "text")
-
-    @property
-    def num_images(self) -> int:
-        return sum(1 for p in self.content if p["type"] == "image")
-
-
-@dataclass
-class Sample:
-    """A conversation with its image references, whatever file format it came from."""
-
-    id: str
-    messages: list[Message]
-    images: list[str]  # refs in order of appearance: relative/absolute paths, data: or http(s) URLs
-    meta: dict[str, Any] = field(default_factory=dict)  # every other key of the record (task, answer, ...)
-
-
 ParseFn = Callable[[dict[str, Any], str, int, Sequence[str], int], Sample]
 FORMATS: Registry[ParseFn] = Registry("data format")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _text(text: str) -> dict[str, Any]:
-    return {"type": "text", "text": text}
-
-
-def _image() -> dict[str, Any]:
-    return {"type": "image"}
-
-
-def split_markers(text: str, marker: str = IMAGE_MARKER) -> list[dict[str, Any]]:
-    """'a<image>b' -> [text 'a', image, text 'b'] (empty text parts dropped)."""
-    parts: list[dict[str, Any]] = []
-    for i, chunk in enumerate(text.split(marker)):
-        if i:
-            parts.append(_image())
-        if chunk:
-            parts.append(_text(chunk))
-    return parts
-
-
 def _record_id(record: dict[str, Any], index: int) -> str:
     rid = record.get("id")
     return str(index) if rid is None or isinstance(rid, dict | list) else str(rid)
@@ -183,7 +131,7 @@ def parse_llava(
     if images and not any(m.num_images for m in messages):
         first_user = next((m for m in messages if m.role == "user"), None)
         if first_user is not None:
-            first_user.content[:0] = [_image() for _ in images]
+            first_user.content[:0] = [image_part() for _ in images]
     return _finish(sid, messages, images, _meta(record, ("id", "image", "images", "conversations")))
 
 
@@ -207,9 +155,9 @@ def parse_qwen(
                 if not chunk.strip():
                     raise SampleError("bad_schema", "empty <img></img> path", sample_id=sid)
                 images.append(chunk.strip())
-                parts.append(_image())
+                parts.append(image_part())
             elif chunk:
-                parts.append(_text(chunk))
+                parts.append(text_part(chunk))
         messages.append(Message(role, parts))
     return _finish(sid, messages, images, _meta(record, ("id", "conversations")))
 
@@ -232,11 +180,11 @@ def parse_caption(
     caption = record.get("caption")
     if not isinstance(caption, str):
         raise SampleError("bad_schema", "'caption' must be a string", sample_id=sid)
-    user: list[dict[str, Any]] = [_image() for _ in images]
+    user: list[dict[str, Any]] = [image_part() for _ in images]
     instruction = _instruction(instructions, seed, index)
     if instruction:
-        user.append(_text(instruction))
-    messages = [Message("user", user), Message("assistant", [_text(caption)])]
+        user.append(text_part(instruction))
+    messages = [Message("user", user), Message("assistant", [text_part(caption)])]
     return _finish(sid, messages, images, _meta(record, ("id", "image", "caption")))
 
 
@@ -274,7 +222,7 @@ def parse_messages(
             n_listed += 1
         else:
             images.append(ref)
-        parts.append(_image())
+        parts.append(image_part())
 
     messages = []
     for msg in raw:
@@ -283,7 +231,7 @@ def parse_messages(
         role = _role(msg.get("role"), sid)
         content = msg.get("content")
         if isinstance(content, str):
-            content = [_text(content)]
+            content = [text_part(content)]
         if not isinstance(content, list):
             raise SampleError("bad_schema", "'content' must be a string or a list of parts", sample_id=sid)
         parts: list[dict[str, Any]] = []
@@ -358,134 +306,3 @@ def parse_record(
     except SampleError as err:
         raise SampleError(err.reason, str(err), sample_id=sid) from None
     return FORMATS.get(name)(record, sid, index, caption_instructions, seed)
-
-
-def merge_image_turns(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
-    """Join the single-image samples that share one image into one multi-turn conversation per image.
-
-    LLaVA-1.5 does this with VQA data: the image's tokens (and the template's preamble) are paid once for all
-    of its questions instead of once per question. The turn order inside a conversation is shuffled with a
-    stable per-image seed, so every kind of question is sometimes the first one (the turn an evaluation asks).
-    The image stays in the first user turn; system turns after the first sample's are dropped. Samples with
-    no image or several images pass through unchanged. The merged sample keeps the first sample's id and
-    meta, plus `merged_ids` and `tasks` (each part's `task`, where it had one); images keep their first
-    appearance order.
-    """
-    groups: dict[str, list[Sample]] = {}
-    order: list[str | Sample] = []
-    for smp in samples:
-        if len(smp.images) != 1:
-            order.append(smp)
-            continue
-        if smp.images[0] not in groups:
-            groups[smp.images[0]] = []
-            order.append(smp.images[0])
-        groups[smp.images[0]].append(smp)
-    merged: list[Sample] = []
-    for item in order:
-        if isinstance(item, Sample):
-            merged.append(item)
-            continue
-        group = groups[item]
-        if len(group) == 1:
-            merged.append(group[0])
-            continue
-        rng = random.Random(zlib.crc32(f"{seed}:{item}".encode()))
-        group = rng.sample(group, len(group))
-        messages = list(group[0].messages)
-        for smp in group[1:]:
-            for msg in smp.messages:
-                if msg.role == "system":
-                    continue
-                parts = [p for p in msg.content if p["type"] != "image"]
-                if msg.role == "user":  # the marker's newline goes with the image
-                    parts = [
-                        dict(p, text=p["text"].lstrip("\n")) if p["type"] == "text" else p for p in parts
-                    ]
-                messages.append(Message(msg.role, parts))
-        meta = dict(group[0].meta)
-        meta["merged_ids"] = [smp.id for smp in group]
-        meta["tasks"] = [smp.meta["task"] for smp in group if "task" in smp.meta]
-        merged.append(Sample(group[0].id, messages, list(group[0].images), meta))
-    return merged
-
-
-def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
-    """(index, record) for a JSON file holding a list, or for JSONL (index = line number - 1).
-
-    A JSONL line that is not valid JSON (or not an object) yields (index, exception) instead of stopping.
-    """
-    path = Path(path)
-    with open(path, encoding="utf-8-sig") as f:
-        head = ""
-        while not head:
-            ch = f.read(1)
-            head = "" if ch.isspace() else ch or "EOF"
-        f.seek(0)
-        if head == "[" or (head == "{" and path.suffix == ".json"):
-            data = _load_whole(f)
-            if data is not None:
-                for i, record in enumerate(data):
-                    yield i, record if isinstance(record, dict) else _not_object(i)
-                return
-            f.seek(0)
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, err
-                continue
-            yield i, record if isinstance(record, dict) else _not_object(i)
-
-
-def _load_whole(f: Any) -> list[Any] | None:
-    """A whole-file JSON list (or one object, as a list of one); None when the file is not one JSON value."""
-    try:
-        data = json.load(f)
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, list) else [data]
-
-
-def _not_object(index: int) -> SampleError:
-    return SampleError("bad_schema", "a record must be a JSON object", sample_id=f"line {index + 1}")
-
-
-def load_samples(
-    path: str | Path,
-    fmt: str = "auto",
-    *,
-    caption_instructions: Sequence[str] = DEFAULT_CAPTION_INSTRUCTIONS,
-    seed: int = 0,
-) -> tuple[list[Sample], Counter[str], dict[str, str]]:
-    """All good samples of a file, a Counter of skip reasons, and one example sample id per reason.
-
-    Malformed JSONL lines count as `bad_schema` (example id `line N`); bad records are skipped, never raised.
-    """
-    samples: list[Sample] = []
-    skipped: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for index, item in read_records(path):
-        try:
-            if isinstance(item, SampleError):
-                raise item
-            if isinstance(item, Exception):
-                raise SampleError("bad_schema", f"malformed JSON: {item}", sample_id=f"line {index + 1}")
-            samples.append(
-                parse_record(item, fmt, index=index, caption_instructions=caption_instructions, seed=seed)
-            )
-        except SampleError as err:
-            skipped[err.reason] += 1
-            examples.setdefault(err.reason, err.sample_id if err.sample_id is not None else str(index))
-            log.debug("skipping record %d of %s: %s", index, path, err)
-    if skipped:
-        log.warning(
-            "%s: kept %d samples, skipped %d (%s)",
-            path,
-            len(samples),
-            sum(skipped.values()),
-            ", ".join(f"{r}={n}" for r, n in skipped.most_common()),
-        )
-    return samples, skipped, examples

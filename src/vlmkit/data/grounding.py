@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlmkit.data.images import AnyResLayout, ImageTransform
@@ -289,3 +290,84 @@ def box_to_model_input(box: Box, transform: ImageTransform | AnyResLayout) -> Bo
 def box_to_original(box: Box, transform: ImageTransform | AnyResLayout) -> Box:
     """A box on the model input (for AnyRes: the global view) → the same region on the original image."""
     return Box(*_as_transform(transform).invert_box(box.to_xyxy()))
+
+
+# ------------------------------------------------------------------------------------- boxes in training text
+_QWEN_BOX_RE = re.compile(
+    rf"(<\s*box\s*>)\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*(<\s*/\s*box\s*>)",
+    re.IGNORECASE,
+)
+_LOC_PAIR_RE = re.compile(
+    r"<\s*(loc|patch_index)_?\s*(\d+)\s*>\s*<\s*(?:loc|patch_index)_?\s*(\d+)\s*>", re.IGNORECASE
+)
+
+
+def rewrite_boxes(
+    text: str,
+    fmt: str,
+    src_size: tuple[int, int],
+    dst_size: tuple[int, int],
+    move: Callable[[Box], Box],
+) -> str:
+    """Every box written in `text` in grounding format `fmt` for a `src_size` (width, height) image, moved by
+    `move` (pixels of that image -> pixels of the `dst_size` image) and written again, in the same format and
+    spelling, for the `dst_size` image; everything else in `text` is kept as it is."""
+    if fmt not in GROUNDING_FORMATS:
+        raise ValueError(f"unknown grounding format {fmt!r}; known: {', '.join(GROUNDING_FORMATS)}")
+    (sw, sh), (dw, dh) = src_size, dst_size
+    _check_size(sw, sh)
+    _check_size(dw, dh)
+
+    def dst(box: Box) -> Box:
+        return move(box.clip(sw, sh)).clip(dw, dh)
+
+    def bin_(
+        v: float, size: int, n: int
+    ) -> int:  # floor, robust to the float error of scaling there and back
+        return int(_clamp(math.floor(v / size * n + 1e-6), 0, n - 1))
+
+    if fmt == "qwen":
+
+        def qwen(m: re.Match[str]) -> str:
+            x1, y1, x2, y2 = (_clamp(float(v), 0, QWEN_BINS) / QWEN_BINS for v in m.groups()[1:5])
+            b = dst(Box(x1 * sw, y1 * sh, x2 * sw, y2 * sh))
+            bins = (
+                bin_(b.x1, dw, QWEN_BINS),
+                bin_(b.y1, dh, QWEN_BINS),
+                bin_(b.x2, dw, QWEN_BINS),
+                bin_(b.y2, dh, QWEN_BINS),
+            )
+            return m.group(1) + "({},{}),({},{})".format(*bins) + m.group(6)
+
+        return _QWEN_BOX_RE.sub(qwen, text)
+    if fmt == "kosmos":
+
+        def kosmos(m: re.Match[str]) -> str:
+            b, n = dst(kosmos_box_from_indices(int(m[2]), int(m[3]), sw, sh)), KOSMOS_BINS
+            ul_x, ul_y = bin_(b.x1, dw, n), bin_(b.y1, dh, n)
+            lr_x = int(_clamp(math.ceil(b.x2 / dw * n - 1 - 1e-6), ul_x, n - 1))
+            lr_y = int(_clamp(math.ceil(b.y2 / dh * n - 1 - 1e-6), ul_y, n - 1))
+            ul, lr = ul_y * n + ul_x, lr_y * n + lr_x
+            if m[1].lower() == "patch_index":
+                return f"<patch_index_{ul:04d}><patch_index_{lr:04d}>"
+            return f"<loc_{ul}><loc_{lr}>"
+
+        return _LOC_PAIR_RE.sub(kosmos, text)
+
+    def bracket(m: re.Match[str]) -> str:
+        raw = [float(v) for v in m.groups()]
+        if fmt == "shikra":
+            x1, y1, x2, y2 = (_clamp(v, 0.0, 1.0) for v in raw)
+            b = dst(Box(x1 * sw, y1 * sh, x2 * sw, y2 * sh))
+            return "[" + ",".join(f"{v:.3f}" for v in (b.x1 / dw, b.y1 / dh, b.x2 / dw, b.y2 / dh)) + "]"
+        b = dst(Box(*raw))
+        return "[" + ", ".join(str(round(v)) for v in b.to_xyxy()) + "]"
+
+    return _BRACKET_RE.sub(bracket, text)
+
+
+def boxes_to_model_input_text(text: str, fmt: str, transform: ImageTransform | AnyResLayout) -> str:
+    """`text` with every box written for the original image rewritten for the model input (for AnyRes: the
+    global view), as a model is taught to answer (the inverse of `box_to_original` on the way out)."""
+    tf = _as_transform(transform)
+    return rewrite_boxes(text, fmt, tf.orig_size, tf.out_size, lambda box: box_to_model_input(box, tf))

@@ -20,6 +20,9 @@ logger = get_logger(__name__)
 
 IMAGE_ERROR_REASONS = ("missing_file", "empty_file", "corrupt", "truncated", "too_large", "too_many_pixels")
 RESIZE_STRATEGIES = ("resize", "pad", "crop")
+# `pad` builds the padded square at the original resolution (as LLaVA-1.5 and transformers do) up to this many
+# pixels; beyond it (extreme aspect ratios) the content is resized first, so no huge canvas is ever allocated
+PAD_CANVAS_MAX_PIXELS = 64_000_000
 
 XYXY = tuple[float, float, float, float]
 
@@ -218,7 +221,12 @@ def square_transform(orig_size: tuple[int, int], size: int, strategy: str = "res
     if strategy == "resize":
         return ImageTransform(size / w, size / h, 0.0, 0.0, (size, size), (w, h))
     if strategy == "pad":
-        new_w, new_h = _letterbox_size((w, h), size)
+        side = max(w, h)
+        if side * side <= PAD_CANVAS_MAX_PIXELS:  # expand2square, then resize the square
+            scale = size / side
+            left, top = (side - w) // 2, (side - h) // 2
+            return ImageTransform(scale, scale, left * scale, top * scale, (size, size), (w, h))
+        new_w, new_h = _letterbox_size((w, h), size)  # a huge canvas: resize first, then pad
         left, top = (size - new_w) // 2, (size - new_h) // 2
         return ImageTransform(new_w / w, new_h / h, float(left), float(top), (size, size), (w, h))
     side = min(w, h)  # crop: the centred side×side window of the original
@@ -244,9 +252,10 @@ def resize_image(
     """Make a `size`×`size` model input and the transform from original to input coordinates.
 
     - `resize`: stretch to the square (aspect ratio not kept);
-    - `pad`: letterbox — scale the long side to `size`, centre on a `fill` square (LLaVA-1.5 `expand2square`
-      with fill = `image_mean_color(mean)`; the content is resized before padding so extreme aspect ratios
-      never build a huge canvas);
+    - `pad`: letterbox — LLaVA-1.5's `expand2square`: centre the image on a `fill` square of its long side
+      (fill = `image_mean_color(mean)`), then resize the square to `size` (as transformers'
+      `LlavaImageProcessor(do_pad=True)`, pixel for pixel). Only when that square would exceed
+      `PAD_CANVAS_MAX_PIXELS` (extreme aspect ratios) is the content resized first and then padded;
     - `crop`: scale the short side to `size`, centre-crop the long side (CLIP preprocessing).
     """
     img = to_rgb(img)
@@ -255,6 +264,11 @@ def resize_image(
     if strategy == "resize":
         return img.resize((size, size), resample), tf
     if strategy == "pad":
+        side = max(w, h)
+        if side * side <= PAD_CANVAS_MAX_PIXELS:
+            canvas = Image.new("RGB", (side, side), tuple(fill))
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            return canvas.resize((size, size), resample), tf
         canvas = Image.new("RGB", (size, size), tuple(fill))
         canvas.paste(
             img.resize(_letterbox_size((w, h), size), resample), (int(tf.offset_x), int(tf.offset_y))
@@ -330,6 +344,24 @@ class AnyResLayout:
     def num_tiles(self) -> int:
         """Tiles fed to the vision tower, global view included (tokens = num_tiles * tokens_per_tile)."""
         return self.cols * self.rows + 1
+
+    def unpadded_cells(self, grid: int) -> tuple[int, int, int, int]:
+        """LLaVA-NeXT's unpadding of the tile grid's feature map, `grid`×`grid` cells per tile: the (top, left,
+        height, width) window of the (rows·grid)×(cols·grid) map that holds the image rather than the black
+        padding (as transformers' `unpad_image`: a symmetric cut in whole cells, rounded as there)."""
+        ow, oh = self.orig_size
+        height, width = self.rows * grid, self.cols * grid
+        if ow / oh > width / height:  # wider than the grid: padding above and below
+            pad = (height - int(round(oh * (width / ow), 7))) // 2
+            return pad, 0, height - 2 * pad, width
+        pad = (width - int(round(ow * (height / oh), 7))) // 2
+        return 0, pad, height, width - 2 * pad
+
+    def llava_next_tokens(self, grid: int) -> int:
+        """Visual tokens of this image under the `llava_next` layout (`grid`×`grid` tokens per tile): the
+        global view's grid², then each row of the unpadded grid map followed by one `image_newline`."""
+        _, _, height, width = self.unpadded_cells(grid)
+        return grid * grid + height * (width + 1)
 
     def box_to_global(self, box: XYXY) -> XYXY:
         """A box on the original → on the global view."""

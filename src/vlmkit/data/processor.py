@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,13 @@ from vlmkit import __version__
 from vlmkit.config import ProcessorConfig, from_dict, to_dict
 from vlmkit.constants import IMAGE_MARKER
 from vlmkit.data.formats import Message, Sample
-from vlmkit.data.grounding import Box, box_to_model_input, box_to_original, parse_boxes
+from vlmkit.data.grounding import (
+    Box,
+    box_to_model_input,
+    box_to_original,
+    boxes_to_model_input_text,
+    parse_boxes,
+)
 from vlmkit.data.images import (
     AnyResLayout,
     ImageTransform,
@@ -34,11 +41,12 @@ from vlmkit.data.images import (
     square_transform,
     to_tensor,
 )
-from vlmkit.data.prompts import EncodedSample, encode_sample, render_prompt
+from vlmkit.data.prompts import EncodedSample, _as_message, encode_sample, render_prompt
 from vlmkit.templates import resolve_template
 
 PROCESSOR_NAME = "processor_config.json"
 RESIZE_MODES = ("resize", "pad", "crop", "anyres")
+ANYRES_LAYOUTS = ("tiles", "llava_next")
 
 Layout = ImageTransform | AnyResLayout  # where an original image's pixels went in the model input
 
@@ -59,6 +67,12 @@ class VisionGeometry:
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.tokens_per_tile <= 0:
             raise ValueError(f"bad vision geometry {self}: image_size and tokens_per_tile must be positive")
+
+    @property
+    def token_grid(self) -> int | None:
+        """The side of a tile's square token map (tokens_per_tile = side²), None when it is not a square."""
+        side = math.isqrt(self.tokens_per_tile)
+        return side if side * side == self.tokens_per_tile else None
 
 
 @dataclass
@@ -117,6 +131,8 @@ class ImageProcessor:
             "mean": [float(x) for x in self.mean],
             "std": [float(x) for x in self.std],
             "anyres_grid": [list(g) for g in self.grid] if self.resize == "anyres" else [],
+            # `pad` became expand2square-then-resize (as LLaVA-1.5): features cached before are stale
+            **({"pad": "expand2square"} if self.resize == "pad" else {}),
         }
 
 
@@ -130,9 +146,18 @@ class ChatInputs:
     layouts: list[Layout]
     prompt: str  # the text that was tokenized (placeholders expanded)
 
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each original image (the `llava_next` layout needs them in the model)."""
+        return [(int(lay.orig_size[0]), int(lay.orig_size[1])) for lay in self.layouts]
+
     def item(self) -> dict[str, Any]:
         """The dict `Collator` takes."""
-        return {"input_ids": self.input_ids, "pixel_values": self.pixel_values}
+        return {
+            "input_ids": self.input_ids,
+            "pixel_values": self.pixel_values,
+            "image_sizes": self.image_sizes,
+        }
 
 
 class Processor:
@@ -159,6 +184,15 @@ class Processor:
             max_bytes=cfg.max_image_bytes,
         )
         resolve_template(tokenizer, cfg.template)  # an unknown template name fails here, not mid-training
+        if cfg.anyres_layout not in ANYRES_LAYOUTS:
+            raise ValueError(
+                f"unknown processor.anyres_layout '{cfg.anyres_layout}'; known: {', '.join(ANYRES_LAYOUTS)}"
+            )
+        if self.llava_next and geometry.token_grid is None:
+            raise ValueError(
+                f"processor.anyres_layout 'llava_next' needs a square token map per tile; this model yields "
+                f"{geometry.tokens_per_tile} tokens per tile (use a bridge that keeps the patch grid: linear, mlp)"
+            )
 
     @property
     def image_token_id(self) -> int:
@@ -172,9 +206,36 @@ class Processor:
     def system_prompt(self) -> str | None:
         return self.cfg.system_prompt
 
+    @property
+    def llava_next(self) -> bool:
+        """AnyRes with LLaVA-NeXT's layout: unpadded tile grid + `image_newline` per row (size-dependent)."""
+        return self.cfg.resize == "anyres" and self.cfg.anyres_layout == "llava_next"
+
     def tokens_per_image(self, num_tiles: int = 1) -> int:
-        """Placeholder tokens one image of `num_tiles` tower inputs occupies in the text."""
+        """Placeholder tokens one image of `num_tiles` tower inputs occupies in the text (for layouts where the
+        count follows from the tiles; under `llava_next` it depends on the image's size: `image_tokens`)."""
+        if self.llava_next:
+            raise ValueError("under anyres_layout 'llava_next' an image's token count depends on its size")
         return num_tiles * self.geometry.tokens_per_tile
+
+    def image_tokens(self, layout: Layout) -> int:
+        """Placeholder tokens of one image, from where its pixels went (its size alone decides it)."""
+        if isinstance(layout, AnyResLayout) and self.llava_next:
+            return layout.llava_next_tokens(self.geometry.token_grid or 0)
+        tiles = layout.num_tiles if isinstance(layout, AnyResLayout) else 1
+        return tiles * self.geometry.tokens_per_tile
+
+    def _counts(
+        self, num_tiles: Sequence[int] | None, sizes: Sequence[tuple[int, int]] | None
+    ) -> tuple[list[int] | None, list[int] | None]:
+        """(tiles, placeholder tokens) of each image, from the images' sizes (or tile counts, where enough)."""
+        if sizes is not None:
+            layouts = [self.images.layout((int(w), int(h))) for w, h in sizes]
+            tiles = [lay.num_tiles if isinstance(lay, AnyResLayout) else 1 for lay in layouts]
+            return tiles, [self.image_tokens(lay) for lay in layouts]
+        if num_tiles is not None and self.llava_next:
+            raise ValueError("anyres_layout 'llava_next' needs the images' sizes, not only their tile counts")
+        return (list(num_tiles) if num_tiles is not None else None), None
 
     # -------------------------------------------------------------------------------------- images
     def pixels(self, img: Image.Image) -> tuple[torch.Tensor, Layout]:
@@ -184,34 +245,56 @@ class Processor:
 
     # -------------------------------------------------------------------------------------- text
     def encode_training(
-        self, sample: Sample, num_tiles: Sequence[int] | None = None, max_length: int | None = None
+        self,
+        sample: Sample,
+        num_tiles: Sequence[int] | None = None,
+        max_length: int | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> EncodedSample:
         """A training sample -> token ids with placeholders expanded and assistant-only labels (later rounds
-        dropped to fit `max_length`); raises `SampleError` with a reason when it cannot be used."""
-        return encode_sample(
+        dropped to fit `max_length`); raises `SampleError` with a reason when it cannot be used. `sizes`:
+        each image's (width, height) (needed by the `llava_next` layout; tile counts follow from them)."""
+        tiles, counts = self._counts(num_tiles, sizes)
+        if sizes is not None:  # boxes written for the original images -> as the model sees them
+            sample = dataclasses.replace(
+                sample, messages=self.boxes_to_input_messages(sample.messages, sizes)
+            )
+        enc = encode_sample(
             sample,
             self.tokenizer,
             image_token=self.image_token,
-            tokens_per_image=self.tokens_per_image,
+            tokens_per_image=self.tokens_per_image if counts is None else 1,
             template=self.cfg.template,
             system_prompt=self.cfg.system_prompt,
             max_length=max_length,
-            num_tiles=num_tiles,
+            num_tiles=tiles,
+            image_tokens=counts,
         )
+        if sizes is not None:
+            enc.image_sizes = [(int(w), int(h)) for w, h in sizes[: len(enc.images)]]
+        return enc
 
     def render(
-        self, messages: Sequence[Message | dict[str, Any]], num_tiles: Sequence[int] | None = None
+        self,
+        messages: Sequence[Message | dict[str, Any]],
+        num_tiles: Sequence[int] | None = None,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> str:
-        """The exact prompt text of a conversation (generation prompt added, placeholders expanded)."""
+        """The exact prompt text of a conversation (generation prompt added, placeholders expanded); each
+        image's placeholders from its `sizes` (width, height) or, where that is enough, its tile count."""
+        tiles, counts = self._counts(num_tiles, sizes)
+        if sizes is not None:
+            messages = self.boxes_to_input_messages(messages, sizes)
         return render_prompt(
             messages,
             self.tokenizer,
             template=self.cfg.template,
             add_generation_prompt=True,
             image_token=self.image_token,
-            tokens_per_image=self.tokens_per_image,
+            tokens_per_image=self.tokens_per_image if counts is None else 1,
             system_prompt=self.cfg.system_prompt,
-            num_tiles=num_tiles,
+            num_tiles=tiles,
+            image_tokens=counts,
         )
 
     def encode_chat(
@@ -219,8 +302,7 @@ class Processor:
     ) -> ChatInputs:
         """A conversation to continue (image parts in order) + its decoded images -> model inputs."""
         encoded = [self.pixels(img) for img in images]
-        tiles = [p.shape[0] for p, _ in encoded]
-        prompt = self.render(messages, tiles)
+        prompt = self.render(messages, sizes=[lay.orig_size for _, lay in encoded])
         return self._inputs(prompt, encoded)
 
     def encode_prompt(self, prompt: str, images: Sequence[Image.Image] = ()) -> ChatInputs:
@@ -233,8 +315,8 @@ class Processor:
         encoded = [self.pixels(img) for img in images]
         pieces = prompt.split(self.image_token)
         text = pieces[0] + "".join(
-            self.image_token * self.tokens_per_image(p.shape[0]) + piece
-            for (p, _), piece in zip(encoded, pieces[1:])
+            self.image_token * self.image_tokens(layout) + piece
+            for (_, layout), piece in zip(encoded, pieces[1:])
         )
         return self._inputs(text, encoded)
 
@@ -247,8 +329,8 @@ class Processor:
         self, messages: Sequence[Message | dict[str, Any]], sizes: Sequence[tuple[int, int]] = ()
     ) -> int:
         """Prompt tokens of a conversation, from the images' sizes alone (no pixels processed)."""
-        tiles = [self.images.num_tiles(size) for size in sizes] if sizes else None
-        return len(self.tokenizer(self.render(messages, tiles), add_special_tokens=False)["input_ids"])
+        text = self.render(messages, sizes=list(sizes) if sizes else None)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -------------------------------------------------------------------------------------- boxes
     def boxes_to_original(self, text: str, layout: Layout) -> list[tuple[str | None, Box]]:
@@ -260,6 +342,32 @@ class Processor:
     def box_to_input(self, box: Box, layout: Layout) -> Box:
         """A box on the original image -> on the model input (what a grounding answer is written in)."""
         return box_to_model_input(box, layout)
+
+    def boxes_to_input_messages(
+        self, messages: Sequence[Message | dict[str, Any]], sizes: Sequence[tuple[int, int]]
+    ) -> list[Message]:
+        """The conversation with every box in its text (written, in `grounding_format`, for the original image
+        of `sizes`) rewritten for the model input, through the resize mode's layout (`pad` offsets, `crop`
+        window, AnyRes global view): the frame answers are decoded from by `boxes_to_original`. A text part
+        refers to the latest image before it (the first image when none precedes it). Unchanged without a
+        `grounding_format` (text in an unknown format is not rewritten) or images."""
+        msgs = [_as_message(m) for m in messages]
+        fmt = self.cfg.grounding_format
+        if fmt is None or not sizes:
+            return msgs
+        layouts = [self.images.layout((int(w), int(h))) for w, h in sizes]
+        out, seen = [], 0
+        for msg in msgs:
+            parts = []
+            for part in msg.content:
+                if part["type"] == "image":
+                    seen += 1
+                elif msg.role != "system":
+                    layout = layouts[min(max(seen - 1, 0), len(layouts) - 1)]
+                    part = {**part, "text": boxes_to_model_input_text(part["text"], fmt, layout)}
+                parts.append(part)
+            out.append(Message(msg.role, parts))
+        return out
 
     # -------------------------------------------------------------------------------------- save / load
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class EncodedSample:
     images: list[str]  # refs of the images kept after truncation, in order
     num_tiles: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each kept image
 
 
 # ------------------------------------------------------------------------------------------------ templates
@@ -135,8 +136,10 @@ def render_prompt(
     tokens_per_image: TokensPerImage = 1,
     system_prompt: str | None = None,
     num_tiles: Sequence[int] | None = None,
+    image_tokens: Sequence[int] | None = None,
 ) -> str:
-    """The text to tokenize for inference: the chat rendered with each image's placeholder run expanded."""
+    """The text to tokenize for inference: the chat rendered with each image's placeholder run expanded
+    (`image_tokens`: each image's placeholder count, overriding `tokens_per_image` of its tile count)."""
     msgs = _with_system([_as_message(m) for m in messages], system_prompt)
     render = _Renderer(tokenizer, resolve_template(tokenizer, template), image_token)
     text = render(
@@ -151,10 +154,24 @@ def render_prompt(
             f"rendered prompt has {len(pieces) - 1} '{image_token}', expected {n_images} "
             f"({len(tiles)} tile counts)",
         )
+    counts = _per_image(tokens_per_image, tiles, image_tokens)
     out = [pieces[0]]
-    for tiles_i, piece in zip(tiles, pieces[1:]):
-        out.append(image_token * _tokens_for(tokens_per_image, tiles_i) + piece)
+    for count, piece in zip(counts, pieces[1:]):
+        out.append(image_token * count + piece)
     return "".join(out)
+
+
+def _per_image(
+    tokens_per_image: TokensPerImage, tiles: Sequence[int], image_tokens: Sequence[int] | None
+) -> list[int]:
+    """Placeholder tokens of each image: `image_tokens` when given, else `tokens_per_image` of its tiles."""
+    if image_tokens is None:
+        return [_tokens_for(tokens_per_image, t) for t in tiles]
+    if len(image_tokens) != len(tiles) or any(int(n) < 1 for n in image_tokens):
+        raise ValueError(
+            f"image_tokens {list(image_tokens)} must give a count >= 1 for each of {len(tiles)} images"
+        )
+    return [int(n) for n in image_tokens]
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -240,11 +257,12 @@ def encode_sample(
     system_prompt: str | None = None,
     max_length: int | None = 512,
     num_tiles: Sequence[int] | None = None,
+    image_tokens: Sequence[int] | None = None,
 ) -> EncodedSample:
     """Render, tokenize, label and truncate one sample.
 
     `tokens_per_image`: a fixed count per image, or a callable of the image's tile count (`num_tiles`, one per
-    image, default 1). Later (user, assistant) rounds are dropped whole until the sequence fits `max_length`.
+    image, default 1); `image_tokens` gives each image's count directly (when it depends on more than tiles). Later (user, assistant) rounds are dropped whole until the sequence fits `max_length`.
     Raises `SampleError` with reason image_count_mismatch | bad_schema | too_long | all_labels_masked.
     """
     sid = sample.id
@@ -262,7 +280,7 @@ def encode_sample(
         raise SampleError("bad_schema", "the conversation must start with a user turn", sample_id=sid)
     render = _Renderer(tokenizer, resolve_template(tokenizer, template), image_token)
     image_id = _image_token_id(tokenizer, image_token)
-    per_image = [_tokens_for(tokens_per_image, t) for t in tiles]
+    per_image = _per_image(tokens_per_image, tiles, image_tokens)
 
     ends = _round_ends(messages)
     for k in range(len(ends), 0, -1):  # keep rounds[:k], dropping whole rounds from the end

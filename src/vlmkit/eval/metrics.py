@@ -47,16 +47,23 @@ def mean(values: Iterable[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ POPE
-def pope_yes_no(text: str) -> str:
-    """The official POPE rule: keep the first sentence, drop commas; "no" or "not" among its words -> "no".
+_POPE_NO_WORDS = ("No", "no", "not")  # the official script's words, case-sensitive
 
-    Words are split on spaces exactly as the official script does; the text is lowercased first.
+
+def pope_yes_no(text: str, lenient: bool = False) -> str:
+    """POPE's yes/no for a free-text answer, by the official rule (POPE's `evaluate.py`, LLaVA's `eval_pope.py`).
+
+    The text up to its first "." (the first sentence), commas deleted, split on single spaces: "No", "no" or
+    "not" among those words -> "no", else "yes". Case-sensitive and nothing else normalised, exactly as the
+    script: "NO" and "Not sure." are "yes". `lenient` (never the default: its numbers are not comparable with
+    published ones) lowercases the first sentence and splits it on whitespace and punctuation first.
     """
-    text = text.lower()
-    if "." in text:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if "no" in words or "not" in words else "yes"
+    sentence = text.split(".")[0]
+    if lenient:
+        words = re.sub(r"[^\w\s']", " ", sentence.lower()).split()
+    else:
+        words = sentence.replace(",", "").split(" ")
+    return "no" if any(w in words for w in _POPE_NO_WORDS) else "yes"
 
 
 def binary_metrics(
@@ -83,9 +90,12 @@ def binary_metrics(
     }
 
 
-def pope_metrics(answers: Sequence[str], labels: Sequence[str], splits: Sequence[str]) -> dict[str, float]:
-    """POPE over free-text answers: overall metrics plus `<split>_<metric>` for each split present."""
-    preds = [pope_yes_no(a) for a in answers]
+def pope_metrics(
+    answers: Sequence[str], labels: Sequence[str], splits: Sequence[str], lenient: bool = False
+) -> dict[str, float]:
+    """POPE over free-text answers (`pope_yes_no`, the official rule unless `lenient`): overall metrics plus
+    `<split>_<metric>` for each split present."""
+    preds = [pope_yes_no(a, lenient) for a in answers]
     gold = [str(x).strip().lower() for x in labels]
     out = binary_metrics(preds, gold)
     by_split: dict[str, list[int]] = defaultdict(list)

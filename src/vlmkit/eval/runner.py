@@ -20,6 +20,8 @@ from vlmkit.infer.generate import Predictor
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.progress import progress_bar
+from vlmkit.templates import resolve_template
 
 log = get_logger(__name__)
 
@@ -141,8 +143,6 @@ def provenance(
 ) -> dict[str, Any]:
     """Everything a result depends on: model (path + config hash), benchmark files (sha256), prompt template,
     decoding, judge, versions, seed and time."""
-    from vlmkit.data.prompts import resolve_template
-
     prov: dict[str, Any] = {"time": _now(), "seed": seed, "versions": versions()}
     prov["benchmark"] = {
         "name": benchmark.name,
@@ -194,20 +194,6 @@ def _check_resume(out: Path, prov: dict[str, Any]) -> None:
             f"{out} holds predictions of another model or benchmark file; choose a new output directory "
             "or pass overwrite=True (--overwrite)"
         )
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 def run_eval(
@@ -267,7 +253,7 @@ def run_eval(
             len(keys & set(done)),
             len(items),
         )
-    with _progress(progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task(f"eval {benchmark.name}", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]

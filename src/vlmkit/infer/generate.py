@@ -214,8 +214,8 @@ class Predictor:
         request's image layouts."""
         inputs = [self.processor.encode_chat(req.messages, req.images) for req in requests]
         batch = self.collate([x.item() for x in inputs])
-        keep = ("input_ids", "attention_mask", "pixel_values", "image_counts")
-        return {k: batch[k] for k in keep}, [x.layouts for x in inputs]
+        keep = ("input_ids", "attention_mask", "pixel_values", "image_counts", "image_sizes")
+        return {k: batch[k] for k in keep if k in batch}, [x.layouts for x in inputs]
 
     def num_tiles(self, image: Image.Image) -> int:
         """How many tower inputs (hence placeholder runs) an image becomes: 1, or its AnyRes tiles."""

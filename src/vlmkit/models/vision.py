@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmkit.config import VisionConfig
 from vlmkit.data.processor import ImageProcessor
@@ -54,6 +55,10 @@ class VisionTower(nn.Module):
     def hf_config_dict(self) -> dict | None:
         """The transformers config of a wrapped HF encoder (None for non-HF towers); used by save."""
         return None
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block's activations during backward instead of keeping them."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
 
 class ViTBlock(nn.Module):
@@ -123,6 +128,7 @@ class SmallViT(VisionTower):
         self.norm = nn.LayerNorm(v.dim)
         self.select_layer = cfg.select_layer
         self.drop_prefix = cfg.drop_prefix_tokens
+        self.gradient_checkpointing = False
         if cfg.path:
             self.load_weights(cfg.path)
 
@@ -153,6 +159,9 @@ class SmallViT(VisionTower):
     def block_cls(self) -> tuple[type[nn.Module], ...]:
         return (ViTBlock,)
 
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
     def hidden_states(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """All layer outputs: [embeddings, block_1, ..., block_L (final-normed)], each [B, P+N, D]."""
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, N, D]
@@ -160,8 +169,9 @@ class SmallViT(VisionTower):
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos
         states = [x]
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
             states.append(x)
         states[-1] = self.norm(x)
         return states
@@ -386,6 +396,11 @@ class HFVisionTower(VisionTower):
     def block_cls(self) -> tuple[type[nn.Module], ...]:
         return self._block_cls
 
+    def enable_gradient_checkpointing(self) -> None:
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"vision tower '{self.model_type}' does not support gradient checkpointing")
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def hf_config_dict(self) -> dict | None:
         return self.model.config.to_dict()
 
@@ -479,6 +494,10 @@ class FusedVisionTower(VisionTower):
     @property
     def block_cls(self) -> tuple[type[nn.Module], ...]:
         return tuple(dict.fromkeys(cls for t in self.towers for cls in t.block_cls))
+
+    def enable_gradient_checkpointing(self) -> None:
+        for tower in self.towers:
+            tower.enable_gradient_checkpointing()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, S, S] (fused normalization) -> features [B, N, sum(Dv_i)]."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from vlmkit import __version__
 from vlmkit.config import LLMConfig, ModelConfig, drop_unknown_keys, from_dict, to_dict
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import Collator
+from vlmkit.data.images import AnyResLayout
 from vlmkit.data.processor import ImageTokenMismatchError, Processor, VisionGeometry
 from vlmkit.faults import kill_point
 from vlmkit.io import replace_dir, temp_dir_for
 from vlmkit.log import get_logger
+from vlmkit.models.adapters import LLMAdapters
 from vlmkit.models.bridges import Bridge, build_bridge
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
@@ -50,10 +53,13 @@ class VisionLanguageModel(nn.Module):
         self.bridge = bridge
         self.llm = llm
         self.fusion = build_fusion(llm, cfg.fusion)  # how visual tokens enter the LLM (FUSIONS registry)
+        if self.llava_next:  # LLaVA-NeXT: a learned token after each row of the unpadded tile grid
+            _check_llava_next(cfg)
+            dim = llm.hidden_size  # initialised as transformers does; trains with the bridge
+            newline = torch.randn(dim, dtype=llm.embeddings.weight.dtype) / dim**0.5
+            bridge.register_parameter("image_newline", nn.Parameter(newline))
         self.adapters: nn.Module | None = None
         if cfg.adapters is not None:
-            from vlmkit.models.adapters import LLMAdapters
-
             self.adapters = LLMAdapters(llm, cfg.adapters)  # Lynx: bottleneck adapters in the LLM
 
     # ------------------------------------------------------------------------------------- building
@@ -71,6 +77,12 @@ class VisionLanguageModel(nn.Module):
     @property
     def tokenizer(self) -> Any:
         return self.llm.tokenizer
+
+    @property
+    def llava_next(self) -> bool:
+        """AnyRes images laid out as LLaVA-NeXT does (`processor.anyres_layout: llava_next`)."""
+        proc = self.cfg.processor
+        return proc.resize == "anyres" and proc.anyres_layout == "llava_next"
 
     @property
     def image_token_id(self) -> int:
@@ -121,9 +133,11 @@ class VisionLanguageModel(nn.Module):
         image_counts: Sequence[int] | None = None,
         sample_ids: Sequence[str] | None = None,
         position_ids: torch.Tensor | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> LLMInputs:
         """Token ids [B, T] with placeholders + the images -> the LLM's inputs, through the fusion (one path for
-        training and generation). Placeholder counts are checked against the images first, naming the sample."""
+        training and generation). Placeholder counts are checked against the images first, naming the sample.
+        `image_sizes`: each image's original (width, height), needed by the `llava_next` layout."""
         embeds = self.llm.embed(input_ids)  # [B, T, D]
         visual = None
         if vision_features is not None and len(vision_features):
@@ -131,11 +145,45 @@ class VisionLanguageModel(nn.Module):
         elif pixel_values is not None and len(pixel_values):
             visual = self.encode_images(pixel_values)
         is_image = input_ids == self.image_token_id  # [B, T]
-        num_images = 0 if visual is None else len(visual)
-        check_image_tokens(
-            is_image.sum(dim=1).tolist(), image_counts, num_images, self.tokens_per_image(), sample_ids
-        )
+        placeholders = is_image.sum(dim=1).tolist()
+        if self.llava_next:
+            visual = self._llava_next_tokens(visual, image_sizes, image_counts, placeholders, sample_ids)
+        else:
+            num_images = 0 if visual is None else len(visual)
+            check_image_tokens(placeholders, image_counts, num_images, self.tokens_per_image(), sample_ids)
         return self.fusion.merge(is_image, embeds, visual, position_ids)
+
+    def _llava_next_tokens(
+        self,
+        visual: torch.Tensor | None,
+        image_sizes: Sequence[Sequence[int]] | None,
+        image_counts: Sequence[int] | None,
+        placeholders: list[int],
+        sample_ids: Sequence[str] | None,
+    ) -> torch.Tensor | None:
+        """Tile tokens [I_tiles, M, D] -> each image's LLaVA-NeXT sequence, all images joined: [1, tokens, D]."""
+        if visual is None:
+            check_image_tokens(placeholders, image_counts, 0, 1, sample_ids)
+            return None
+        if image_sizes is None:
+            raise ImageTokenMismatchError(
+                "anyres_layout 'llava_next' needs each image's size: pass image_sizes (the processor's "
+                "ChatInputs / dataset items carry them)"
+            )
+        images = self.processor.images
+        layouts = [images.layout((int(w), int(h))) for w, h in image_sizes]
+        tiles = [lay.num_tiles for lay in layouts]
+        if sum(tiles) != len(visual):
+            raise ImageTokenMismatchError(
+                f"{len(image_sizes)} image sizes make {sum(tiles)} AnyRes tiles but {len(visual)} tiles were given"
+            )
+        grid = math.isqrt(visual.shape[1])
+        newline = self.bridge.image_newline.to(visual.dtype)
+        chunks = torch.split(visual, tiles)  # one [tiles_i, M, D] per image
+        packed = [pack_llava_next(c, lay, grid, newline) for c, lay in zip(chunks, layouts)]
+        counts = [len(p) for p in packed]
+        check_llava_next_rows(placeholders, image_counts, tiles, counts, sample_ids)
+        return torch.cat(packed).unsqueeze(0)  # [1, sum tokens, D]
 
     def forward(
         self,
@@ -151,6 +199,7 @@ class VisionLanguageModel(nn.Module):
         vision_features: torch.Tensor | None = None,
         return_logits: bool = True,
         label_weights: torch.Tensor | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> VLMOutput:
         """input_ids [B, T] with image placeholders; pixel_values [I, 3, S, S] for all images, in order (or
         `vision_features` [I, N, Dv], a frozen tower's cached output).
@@ -160,7 +209,7 @@ class VisionLanguageModel(nn.Module):
         into a weighted mean (`sample_label_weights`: the mean over samples).
         """
         inputs = self.embed_inputs(
-            input_ids, pixel_values, vision_features, image_counts, sample_ids, position_ids
+            input_ids, pixel_values, vision_features, image_counts, sample_ids, position_ids, image_sizes
         )
         common = {
             "inputs_embeds": inputs.embeds,
@@ -190,6 +239,7 @@ class VisionLanguageModel(nn.Module):
         image_counts: Sequence[int] | None = None,
         config: GenerationConfig | None = None,
         streamer: Callable[[torch.Tensor], None] | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         """Decode from left-padded prompts; returns new token ids [B, L] (EOS-padded after a row ends).
@@ -200,7 +250,9 @@ class VisionLanguageModel(nn.Module):
         config = dataclasses.replace(config or GenerationConfig(), **overrides)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        inputs = self.embed_inputs(input_ids, pixel_values, image_counts=image_counts)
+        inputs = self.embed_inputs(
+            input_ids, pixel_values, image_counts=image_counts, image_sizes=image_sizes
+        )
         eos = config.eos_token_ids or self.llm.eos_token_ids
         return decode_loop(
             self._step, inputs, attention_mask, self.fusion.advance, self.llm, config, eos, streamer
@@ -244,7 +296,8 @@ class VisionLanguageModel(nn.Module):
         processor = self.processor
         items = [processor.encode_prompt(p, imgs).item() for p, imgs in zip(prompts, images)]
         batch = Collator(self.tokenizer.pad_token_id, "left")(items)
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_counts")}
+        keep = ("input_ids", "attention_mask", "pixel_values", "image_counts", "image_sizes")
+        return {k: batch[k] for k in keep if k in batch}
 
     # -------------------------------------------------------------------------------------- save/load
     def portable_config(self) -> ModelConfig:
@@ -319,6 +372,65 @@ def check_image_tokens(
         raise ImageTokenMismatchError(
             f"the batch has {total} image placeholder tokens but {num_images} image(s) yield "
             f"{num_images * tokens_per_image} visual tokens ({tokens_per_image} per image){which}{names}"
+        )
+
+
+def _check_llava_next(cfg: ModelConfig) -> None:
+    if cfg.fusion.mode != "prefix":
+        raise ValueError(
+            f"processor.anyres_layout 'llava_next' needs prefix fusion (the image_newline tokens fill placeholders); "
+            f"fusion is '{cfg.fusion.mode}'"
+        )
+
+
+def pack_llava_next(
+    tiles: torch.Tensor, layout: AnyResLayout, grid: int, newline: torch.Tensor
+) -> torch.Tensor:
+    """One image's tile tokens [1 + rows·cols, grid², D] (global view first, then the grid's tiles row-major)
+    -> LLaVA-NeXT's sequence [T, D]: the global view's tokens, then the tile grid's token map cut to the
+    image (`AnyResLayout.unpadded_cells`) with `newline` [D] after each of its rows."""
+    base, cells = tiles[0], tiles[1:]
+    dim = tiles.shape[-1]
+    fmap = cells.view(layout.rows, layout.cols, grid, grid, dim).permute(0, 2, 1, 3, 4)
+    fmap = fmap.reshape(layout.rows * grid, layout.cols * grid, dim)  # [H, W, D]
+    top, left, height, width = layout.unpadded_cells(grid)
+    fmap = fmap[top : top + height, left : left + width]  # [h, w, D]
+    rows = torch.cat([fmap, newline.view(1, 1, dim).expand(height, 1, dim)], dim=1)  # [h, w + 1, D]
+    return torch.cat([base, rows.reshape(-1, dim)])  # [grid² + h·(w + 1), D]
+
+
+def check_llava_next_rows(
+    placeholders_per_row: list[int],
+    image_counts: Sequence[int] | None,
+    tiles: list[int],
+    tokens: list[int],
+    sample_ids: Sequence[str] | None,
+) -> None:
+    """Raise `ImageTokenMismatchError` naming the sample whose placeholders differ from its images' LLaVA-NeXT
+    token counts (`image_counts`: tiles per row; `tiles` / `tokens`: per image, in order)."""
+    if image_counts is not None:
+        expected, at = [], 0
+        for n_tiles in image_counts:
+            start, covered = at, 0
+            while covered < n_tiles and at < len(tiles):
+                covered, at = covered + tiles[at], at + 1
+            if covered != n_tiles:
+                raise ImageTokenMismatchError(
+                    f"image_counts {list(image_counts)} (tiles per row) do not split into whole images of "
+                    f"{tiles} tiles"
+                )
+            expected.append(sum(tokens[start:at]))
+        for row, (have, want) in enumerate(zip(placeholders_per_row, expected)):
+            if have != want:
+                name = f"sample '{sample_ids[row]}'" if sample_ids else "sample"
+                raise ImageTokenMismatchError(
+                    f"{name} (batch row {row}) has {have} image placeholder tokens but its images yield {want} "
+                    "LLaVA-NeXT visual tokens (anyres_layout 'llava_next': the count depends on each image's size)"
+                )
+    if sum(placeholders_per_row) != sum(tokens):
+        raise ImageTokenMismatchError(
+            f"the batch has {sum(placeholders_per_row)} image placeholder tokens but its {len(tokens)} image(s) "
+            f"yield {sum(tokens)} LLaVA-NeXT visual tokens ({tokens})"
         )
 
 

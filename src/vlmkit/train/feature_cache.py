@@ -188,12 +188,9 @@ class FeatureCache:
         return handle.get_tensor(key)
 
     def source_for(self, dataset: VLMDataset) -> Callable[[str], torch.Tensor]:
-        """ref -> cached features [tiles, N, Dv], for `VLMDataset.feature_source`."""
-
-        def lookup(ref: str) -> torch.Tensor:
-            return self.features(self.key_for(dataset, ref))
-
-        return lookup
+        """ref -> cached features [tiles, N, Dv], for `VLMDataset.feature_source` (picklable: the dataset
+        goes to data-loader workers with it)."""
+        return _CachedFeatures(self, dataset)
 
     def attach(self, dataset: VLMDataset) -> None:
         """Make `dataset` yield `vision_features` from this cache instead of decoding images."""
@@ -311,6 +308,16 @@ class FeatureCache:
         if rows != expected:
             raise RuntimeError(f"feature cache: batch has {rows} feature rows for {expected} image rows")
         return out
+
+
+class _CachedFeatures:
+    """`FeatureCache.source_for`'s lookup as an object, not a closure, so that it pickles."""
+
+    def __init__(self, cache: FeatureCache, dataset: VLMDataset) -> None:
+        self.cache, self.dataset = cache, dataset
+
+    def __call__(self, ref: str) -> torch.Tensor:
+        return self.cache.features(self.cache.key_for(self.dataset, ref))
 
 
 # ------------------------------------------------------------------------------------------------ stages

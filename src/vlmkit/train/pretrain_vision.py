@@ -24,6 +24,7 @@ from vlmkit.config import VisionConfig, from_dict, save_yaml, to_dict
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
+from vlmkit.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -584,17 +585,9 @@ def _lr_factor(progress: float, warmup: float) -> float:
 
 def _progress_bar(enabled: bool, contrastive: bool = True):
     """The bar; its contrastive loss / in-batch accuracy columns only when that loss is on."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     numbers = ["loss {task.fields[loss]:.3f}", "acc {task.fields[acc]:.2f}"] if contrastive else []
-    return Progress(
-        TextColumn("[bold]pretrain-vision"),
-        BarColumn(),
-        TextColumn("step {task.fields[step]}"),
-        *[TextColumn(text) for text in numbers],
-        TextColumn("dense {task.fields[dense]:.3f}"),
-        TimeElapsedColumn(),
-        disable=not enabled,
+    return progress_bar(
+        "step {task.fields[step]}", *numbers, "dense {task.fields[dense]:.3f}", enabled=enabled, count=False
     )
 
 
@@ -655,7 +648,7 @@ def train_contrastive(
     step, start, ema_loss, ema_acc, ema_dense = 0, time.perf_counter(), 0.0, 0.0, 0.0
     model.train()
     with _progress_bar(progress, cfg.contrastive_weight > 0) as bar:
-        task = bar.add_task("pretrain", total=1.0, step=0, loss=0.0, acc=0.0, dense=0.0)
+        task = bar.add_task("pretrain-vision", total=1.0, step=0, loss=0.0, acc=0.0, dense=0.0)
         while True:
             elapsed = time.perf_counter() - start
             fractions = [

@@ -8,7 +8,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ from vlmkit.config import RecipeConfig, StageConfig, load_yaml, save_yaml, to_di
 from vlmkit.faults import kill_point
 from vlmkit.io import atomic_write_json, replace_dir, temp_dir_for
 from vlmkit.log import get_logger
-from vlmkit.memory import release_free_memory
+from vlmkit.memory import HeapReleaser, release_free_memory
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.precision import autocast_context
+from vlmkit.progress import progress_bar
 from vlmkit.train.checkpoint import (
     complete_checkpoints,
     find_resume_checkpoint,
@@ -31,9 +32,11 @@ from vlmkit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vlmkit.train.hooks import GENERATION_HOOKS, GenerationHook
 from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
 from vlmkit.train.schedule import build_scheduler
-from vlmkit.train.stages import apply_stage, merge_lora, param_groups
+from vlmkit.train.stages import apply_stage, check_requirements, merge_lora, param_groups
+from vlmkit.train.step import StepSpeedup, build_optimizer, speed_up, train_step
 
 log = get_logger(__name__)
 
@@ -95,6 +98,7 @@ class Trainer:
             raise ValueError(
                 "the recipe has no stages: add a `stages:` list (e.g. [{name: align, preset: align}])"
             )
+        check_requirements(recipe)  # e.g. QLoRA without CUDA: refused before any work
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume
@@ -106,7 +110,7 @@ class Trainer:
         self._given_model = model
         self.generation_hook = generation_hook
         if generation_hook is None and recipe.train.eval_generation > 0:
-            self.generation_hook = TaskGenerationHook(recipe, self.out)
+            self.generation_hook = GENERATION_HOOKS.get(recipe.train.eval_hook)(recipe, self.out)
         self._pretrain_cfg = _pretrain_config(recipe)  # fails on a mistyped key before any work
 
     # ------------------------------------------------------------------------------------------- run
@@ -322,9 +326,11 @@ class Trainer:
         rest = None
         if self._resume_from is not None:  # full weights go into the plain model, before any sharding
             _, rest = load_checkpoint(self._resume_from, model)
+        sharded = getattr(self.strategy, "shards_parameters", False)
+        speedup = speed_up(model, cfg, getattr(self.strategy, "device", torch.device("cpu")), sharded)
         wrapped = self.strategy.wrap(model)
         # grouped after wrapping: FSDP replaces the parameters by sharded ones (same names, same order)
-        optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+        optimizer = build_optimizer(param_groups(model, stage), sharded)
         scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
         if rest is not None:
             self.strategy.load_optimizer(optimizer, rest["optimizer"], model)
@@ -340,40 +346,43 @@ class Trainer:
             data.num_samples,
         )
         autocast = autocast_context(cfg.precision)
-        bar = _progress_bar(self.strategy.is_main)
+        bar = progress_bar(
+            "loss {task.fields[loss]:.4f}",
+            "lr {task.fields[lr]:.2e}",
+            "{task.fields[tps]:.0f} tok/s",
+            enabled=self.strategy.is_main,
+        )
         task = bar.add_task(
             stage.name, total=total, completed=progress.stage_step, loss=float("nan"), lr=0.0, tps=0.0
         )
         window_start, window_tokens = time.perf_counter(), 0
         first_step = progress.stage_step
+
+        def next_batch() -> dict[str, Any]:
+            batch, progress.epoch, progress.batch_pos = data.next_batch(progress.epoch, progress.batch_pos)
+            return batch
+
+        release_free_memory()  # what loading and data preparation left in the C heap
+        heap = HeapReleaser()  # later: only when the heap grew past the steps' working set
         with bar:
             while progress.stage_step < total:
                 model.train()
-                loss_sum, tokens, samples = 0.0, 0, 0
-                for micro in range(stage.grad_accum):
-                    batch, progress.epoch, progress.batch_pos = data.next_batch(
-                        progress.epoch, progress.batch_pos
-                    )
-                    sync = micro == stage.grad_accum - 1
-                    with self.strategy.no_sync(wrapped, sync), autocast:
-                        out = wrapped(**batch, return_logits=False)
-                    (out.loss / stage.grad_accum).backward()
-                    kill_point("train_step")
-                    loss_sum += float(out.loss.detach())
-                    tokens += int(
-                        batch["input_ids"].numel()
-                        if batch.get("attention_mask") is None
-                        else batch["attention_mask"].sum()
-                    )
-                    samples += len(batch.get("sample_ids") or batch["input_ids"])
-                grad_norm = self.strategy.clip_grad_norm(model, stage.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                release_free_memory()  # this step's activations: back to the OS, not kept in the C heap
+                step = train_step(
+                    wrapped,
+                    model,
+                    next_batch,
+                    optimizer,
+                    scheduler,
+                    self.strategy,
+                    autocast,
+                    stage.grad_accum,
+                    stage.max_grad_norm,
+                )
+                heap.step_done()
+                grad_norm, tokens, samples = step.grad_norm, step.tokens, step.samples
                 progress.stage_step += 1
                 progress.global_step += 1
-                loss = self.strategy.mean(loss_sum / stage.grad_accum)
+                loss = self.strategy.mean(step.loss)
                 window_tokens += tokens
                 elapsed = time.perf_counter() - window_start
                 lr = optimizer.param_groups[0]["lr"]
@@ -416,7 +425,7 @@ class Trainer:
                     and progress.stage_step % cfg.eval_every == 0
                     and progress.stage_step < total
                 ):
-                    self._validate(wrapped, data, stage, progress, autocast)
+                    self._validate(wrapped, data, stage, progress, autocast, speedup)
                 if (
                     cfg.save_every
                     and progress.stage_step % cfg.save_every == 0
@@ -424,10 +433,12 @@ class Trainer:
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
                 kill_point("step_done")
-        self._validate(wrapped, data, stage, progress, autocast)
+        data.close()  # the data-loader workers
+        self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
         del wrapped, optimizer
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
+        speedup.undo()  # frozen weights in their own dtype again (bf16-rounded values), plain layers
         merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -440,7 +451,15 @@ class Trainer:
         self.strategy.barrier()
         return model
 
-    def _validate(self, model: Any, data: Any, stage: StageConfig, progress: Progress, autocast: Any) -> None:
+    def _validate(
+        self,
+        model: Any,
+        data: Any,
+        stage: StageConfig,
+        progress: Progress,
+        autocast: Any,
+        speedup: StepSpeedup | None = None,
+    ) -> None:
         batches = data.val_batches(self.recipe.train.val_batches)
         if not batches:
             return
@@ -460,7 +479,8 @@ class Trainer:
             self.metrics.write({"step": progress.global_step, "stage": stage.name, "val_loss": val})
         if self.generation_hook is not None and self.strategy.world == 1:
             inner = self.strategy.unwrap(model).eval()
-            with torch.no_grad():
+            full = speedup.full_precision() if speedup is not None else nullcontext()
+            with torch.no_grad(), full:  # the hook generates without autocast: weights in their dtype
                 scores = self.generation_hook(inner, stage, progress.global_step)
             model.train()
             log.info(
@@ -508,36 +528,6 @@ class Trainer:
             shutil.rmtree(self.ckpt_root)
 
 
-GenerationHook = Callable[[VisionLanguageModel, StageConfig, int], dict[str, float]]
-
-
-class TaskGenerationHook:
-    """Generates answers for the first N validation records and scores them by task (ShapesWorld-style
-    records with `task` / `answer` / `meta`): a generation metric next to the validation loss."""
-
-    def __init__(self, recipe: RecipeConfig, run_dir: Path) -> None:
-        self.recipe, self.run_dir = recipe, run_dir
-
-    def __call__(self, model: VisionLanguageModel, stage: StageConfig, step: int) -> dict[str, float]:
-        import json
-
-        from vlmkit.eval.shapesworld import evaluate_shapesworld
-        from vlmkit.train.data import prepare_data
-
-        data = prepare_data(self.recipe.data, self.run_dir)
-        source = stage.val_file or data.val
-        if not source:
-            return {}
-        subset = self.run_dir / "eval-generation" / "val-subset.json"
-        if not subset.is_file():
-            subset.parent.mkdir(parents=True, exist_ok=True)
-            records = json.loads(Path(source).read_text())[: self.recipe.train.eval_generation]
-            subset.write_text(json.dumps(records))
-        image_root = data.image_root or str(Path(source).parent)
-        scores = evaluate_shapesworld(model.eval(), subset, image_root, batch_size=16, max_new_tokens=48)
-        return {k: float(v) for k, v in scores.items() if not k.startswith("n_") and v is not None}
-
-
 def _pretrain_config(recipe: RecipeConfig) -> Any:
     """The recipe's `pretrain_vision` section as a validated PretrainVisionConfig on the recipe's tower."""
     if recipe.pretrain_vision is None:
@@ -566,38 +556,13 @@ def _remove_leftovers(run_dir: Path) -> None:
 
 
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
+    """Activation checkpointing of the LLM's decoder layers and of the vision tower's blocks."""
     inner = model.llm.model
     if hasattr(inner, "gradient_checkpointing_enable"):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
-    if hasattr(model.vision, "gradient_checkpointing"):
-        model.vision.gradient_checkpointing = True
-
-
-def _progress_bar(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("lr {task.fields[lr]:.2e}"),
-        TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
+    model.vision.enable_gradient_checkpointing()
 
 
 def train(recipe: RecipeConfig, out_dir: str | Path, resume: bool = False) -> Path:

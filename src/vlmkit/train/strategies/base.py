@@ -29,6 +29,7 @@ class SingleProcess:
     world = 1
     rank = 0
     is_main = True
+    shards_parameters = False  # FSDP: parameters are sharded DTensors of one dtype per unit
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,6 +32,8 @@ class FSDPStrategy(_Distributed):
     (unsharded) trainable weights and a full optimizer state in the single-process format.
     """
 
+    shards_parameters = True
+
     def __init__(self) -> None:
         super().__init__()
         self._lifted: set[str] = set()  # 0-dim parameters held as [1] while wrapped

@@ -57,8 +57,8 @@ def run_quickstart(
     """Data → tower pretraining → align → instruct → test-split evaluation → report. Returns the results."""
     import torch
 
-    from vlmkit.eval.shapesworld import evaluate_shapesworld
     from vlmkit.models.vlm import VisionLanguageModel
+    from vlmkit.shapesworld.scoring import evaluate_shapesworld
     from vlmkit.train.data import prepare_data
     from vlmkit.train.trainer import Trainer, seed_everything
 

@@ -1,18 +1,21 @@
-"""The ShapesWorld suite: score every task type of a split at once, from saved predictions or a model."""
+"""The ShapesWorld suite: score every task type of a split at once, from saved predictions or a model; the
+`shapesworld` benchmark adapter (`vlmkit eval --benchmark shapesworld`)."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlmkit.data.grounding import Box, parse_boxes
 from vlmkit.eval import metrics as M
-
-if TYPE_CHECKING:
-    from vlmkit.infer.generate import Predictor
-    from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.eval.benchmarks import Benchmark, EvalItem, Prediction, register
+from vlmkit.eval.runner import run_eval
+from vlmkit.infer.generate import ChatResult, Predictor
+from vlmkit.models.generation import GenerationConfig
+from vlmkit.models.vlm import VisionLanguageModel
 
 # task -> the accuracy metric it reports (pope reports the POPE metrics instead)
 TASK_METRICS = {
@@ -109,10 +112,6 @@ def evaluate_shapesworld(
 
     With `out_dir`, predictions.jsonl / results.json (with provenance) are written there and a rerun resumes.
     """
-    from vlmkit.eval.benchmarks import ShapesWorld
-    from vlmkit.eval.runner import run_eval
-    from vlmkit.models.generation import GenerationConfig
-
     bench = ShapesWorld(data_json, image_root)
     results = run_eval(
         model_or_predictor,
@@ -124,3 +123,33 @@ def evaluate_shapesworld(
         progress=progress,
     )
     return results["metrics"]
+
+
+# ------------------------------------------------------------------------------------------------ ShapesWorld
+@register("shapesworld")
+class ShapesWorld(Benchmark):
+    """A ShapesWorld split (`vlmkit data synth`): every task type at once, scored by `score_shapesworld`."""
+
+    max_new_tokens = 64
+    prompt_format = "<image>\n{question} (the record's user turn, as in training)"
+
+    def load(self) -> list[EvalItem]:
+        records = json.loads(self.data.read_text(encoding="utf-8"))
+        items = []
+        for r in records:
+            user = next(t["value"] for t in r["conversations"] if t["from"] in ("human", "user"))
+            items.append(EvalItem(r["id"], user, [r["image"]], r["answer"], {"record": r}))
+        return items
+
+    def prediction(self, item: EvalItem, result: ChatResult) -> Prediction:
+        out: Prediction = {
+            "question_id": item.question_id,
+            "answer": result.text,
+            "task": item.meta["record"]["task"],
+        }
+        if out["task"] == "grounding":
+            out["box"] = list(result.boxes[0][1].to_xyxy()) if result.boxes else None
+        return out
+
+    def score(self, items: Sequence[EvalItem], predictions: Mapping[str, Prediction]) -> dict[str, float]:
+        return score_shapesworld([it.meta["record"] for it in items], predictions)

@@ -13,7 +13,7 @@ from vlmkit.infer.engine import Engine, RowSink
 from vlmkit.infer.generate import ChatRequest, serving_dtype
 from vlmkit.infer.server import build_predictor
 from vlmkit.models.generation import GenerationConfig
-from vlmkit.quickstart import run_quickstart
+from vlmkit.shapesworld.quickstart import run_quickstart
 
 PROMPTS = 48
 AGREEMENT = 0.9  # greedy answers identical in fp32 and bf16, at least this share of prompts

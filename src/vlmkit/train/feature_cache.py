@@ -1,4 +1,8 @@
-"""Frozen-tower feature cache: tower outputs computed once per image, kept in safetensors shards on disk."""
+"""Frozen-tower feature cache: tower outputs computed once per image, kept in safetensors shards on disk.
+
+Over 400 lines: the fingerprint, the shard writer, the reader and the precompute (with its resume points) share
+one on-disk format and are kept together so that format is defined in one place.
+"""
 
 from __future__ import annotations
 

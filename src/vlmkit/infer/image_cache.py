@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vlmkit.config import to_dict
-from vlmkit.train.feature_cache import tower_fingerprint, weights_digest
+from vlmkit.models.fingerprint import tower_description, weights_digest
 
 
 def bytes_key(data: bytes) -> str:
@@ -31,7 +31,7 @@ def pixels_key(image: Image.Image) -> str:
 def model_fingerprint(model: torch.nn.Module, images: object, dtype: torch.dtype) -> str:
     """sha256 of what an image's visual tokens depend on besides the image: the tower (config, weights,
     preprocessing), the bridge (config, weights) and the dtype."""
-    tower, _ = tower_fingerprint(model, images, dtype)  # type: ignore[arg-type]
+    tower = tower_description(model, images, dtype)  # type: ignore[arg-type]
     bridge = {"config": to_dict(model.cfg.bridge), "weights": weights_digest(model.bridge)}  # type: ignore[union-attr]
     text = json.dumps({"tower": tower, "bridge": bridge, "dtype": str(dtype)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()

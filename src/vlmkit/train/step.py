@@ -13,6 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from vlmkit.config import TrainConfig
+from vlmkit.data.collate import Batch
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.precision import frozen_to_bf16, resolve_precision
@@ -137,7 +138,7 @@ class StepResult:
 def train_step(
     wrapped: nn.Module,
     model: nn.Module,
-    next_batch: Callable[[], dict[str, Any]],
+    next_batch: Callable[[], Batch],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     strategy: Any,

@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from vlmkit.config import (
     BridgeConfig,
@@ -209,6 +210,65 @@ def release_cost(loop: Loop, blocks: int, size: int) -> dict[str, float]:
     return {k: (sums[True][i] - sums[False][i]) / n for i, k in enumerate(("wall", "cpu", "faults"))}
 
 
+PHASES = ("step.data", "step.forward", "step.backward", "step.optimizer")
+KINDS = {  # op name -> kind, for the self-time breakdown (first match wins)
+    "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "mkldnn", "onednn", "_addmm_activation"),
+    "attention": ("softmax", "scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "dtype casts / copies": ("copy_", "_to_copy", "to", "clone", "contiguous"),
+    "memory (alloc, fill)": ("empty", "zero_", "zeros", "fill_", "ones", "full", "resize_"),
+    "optimizer math": ("_fused_adamw", "_foreach", "adamw", "lerp", "addcdiv", "addcmul"),
+}
+
+
+def _kind(name: str) -> str:
+    op = name.removeprefix("aten::").removeprefix("mkldnn::").lower()
+    for kind, names in KINDS.items():
+        if op in names or any(n in op for n in names if len(n) > 3):
+            return kind
+    return "other ops (elementwise, norms, indexing, ...)"
+
+
+def profile_loop(loop: Loop, steps: int) -> dict[str, Any]:
+    """`steps` steps of `loop` under torch.profiler: wall ms per step of each phase (data, forward, backward,
+    optimizer), and the ops' self time by kind; `python` is step time no op accounts for (framework overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            loop.step()
+    wall = (time.perf_counter() - start) * 1000 / steps
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in PHASES}
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith(("aten::", "mkldnn::")):
+            kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + e.self_cpu_time_total / 1000 / steps
+    ops = sum(kinds.values())
+    kinds["python / framework (not in any op)"] = max(0.0, wall - ops)
+    return {"wall_ms": wall, "phases": phases, "kinds": kinds}
+
+
+def print_profiles(loops: list[Loop], steps: int) -> None:
+    profiles = [(loop.name, profile_loop(loop, steps)) for loop in loops]
+    print(f"\n== where a step's time goes (torch.profiler, {steps} steps each; ms per step)")
+    print(f"{'':<44}" + "".join(f"{name:>20}" for name, _ in profiles))
+    print(f"{'step (wall, profiled)':<44}" + "".join(f"{p['wall_ms']:>20.0f}" for _, p in profiles))
+    for phase in PHASES:
+        print(f"{'  ' + phase:<44}" + "".join(f"{p['phases'].get(phase, 0.0):>20.0f}" for _, p in profiles))
+    print("ops' self time by kind:")
+    for kind in [
+        *KINDS,
+        "other ops (elementwise, norms, indexing, ...)",
+        "python / framework (not in any op)",
+    ]:
+        cells = "".join(
+            f"{p['kinds'].get(kind, 0.0):>13.0f} ({p['kinds'].get(kind, 0.0) / p['wall_ms']:>4.0%})"
+            for _, p in profiles
+        )
+        print(f"{'  ' + kind:<44}" + cells)
+
+
 def interleave(
     loops: list[Loop], warmup: int, steps: int, flops_of: Callable[[dict[str, Any]], float]
 ) -> None:
@@ -317,20 +377,23 @@ def peer_loop(
     embed = model.get_input_embeddings()
 
     def step() -> tuple[dict[str, Any], float]:
-        batch = batches()
+        with record_function("step.data"):
+            batch = batches()
         ids = batch["input_ids"]
         model.train()
-        with autocast:
+        with record_function("step.forward"), autocast:
             embeds = embed(ids)  # [B, T, D]
             visual = bridge(batch["vision_features"])  # [I, M, D]
             where = (ids == image_token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(where, visual.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
             out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-        out.loss.backward()
-        if stage.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("step.backward"):
+            out.loss.backward()
+        with record_function("step.optimizer"):
+            if stage.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return batch, float(out.loss.detach())
 
     return Loop("transformers+peft", step)
@@ -545,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings)")
     parser.add_argument("--before", action="store_true", help="also time vlmkit's step before the speed work")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for vlmkit's step")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N steps of each loop: time by phase and op kind",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides (e.g. train.frozen_bf16=all)")
     parser.add_argument(
         "--also",
@@ -613,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             f"vlmkit before -> now: {old_s:.2f} -> {now_s:.2f} s/step ({old_s / now_s:.2f}x); by CPU time"
             f" {old_cpu:.2f} -> {now_cpu:.2f} ({old_cpu / now_cpu:.2f}x)"
         )
+    if args.profile:
+        print_profiles(loops, args.profile)
     print(f"total bench time {r['seconds']:.0f} s")
     print(f"ratio={ratio:.3f}")
     return 0

@@ -133,3 +133,52 @@ def test_unknown_gate_and_gated_qlora_are_refused():
         LoRAConfig(gate="images")
     with pytest.raises(ConfigError, match="gate: image .* with quantize: 4bit use gate: none"):
         LoRAConfig(gate="image", quantize="4bit")
+
+
+def test_served_rows_get_the_adapter_only_with_an_image():
+    """The server's engine (continuous batching, its own rows, prepacked linears on CPU) gates per row: in one
+    decode batch a text-only request gets the base model's answer and an image request the adapted model's."""
+    import dataclasses
+
+    from vlmkit.config import LLMConfig
+    from vlmkit.infer.engine import Engine, RowSink
+    from vlmkit.infer.generate import ChatRequest, Predictor
+    from vlmkit.infer.prepack import prepack_linears
+    from vlmkit.models.generation import GenerationConfig
+
+    def ask(text, images=0):
+        content = [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]
+        return [{"role": "user", "content": content}]
+
+    def lively():  # answers that vary with the prompt and the weights
+        torch.manual_seed(0)
+        llm = LLMConfig.make("tiny", hf_config={"initializer_range": 0.3})
+        return VisionLanguageModel.from_config(tiny_model_config(llm=llm)).eval()
+
+    def serve(model, requests):
+        engine, got = Engine(Predictor(model), max_rows=4, prefill_chunk=4), {}
+        for name, request in requests.items():
+            engine.add(engine.prepare(request), RowSink(on_done=lambda r, n=name: got.__setitem__(n, r.text)))
+            engine.step()  # the next row joins while this one decodes
+        while engine.busy:
+            engine.step()
+        return got
+
+    greedy = GenerationConfig(eos_token_ids=[-1], max_new_tokens=12)
+    image = ChatRequest(ask("what?", 1), [random_image(1)], greedy)
+    text = ChatRequest(ask("hello there, how are you?"), [], dataclasses.replace(greedy, max_new_tokens=10))
+    base, model = lively(), lively()
+    apply_stage(model, StageConfig(name="instruct", preset="instruct", lora=GATED))
+    _perturb_lora(model)
+    model.eval()
+    for m in (base, model):
+        prepack_linears(m)  # what `vlmkit serve` does on CPU: the LoRA branches (and their gate) stay
+    want = {
+        "image": Predictor(model).generate([image])[0].text,
+        "text": Predictor(base).generate([text])[0].text,
+    }
+    assert want["image"] != Predictor(base).generate([image])[0].text  # the adapter changes the image answer
+    gate, model.lora_gate = model.lora_gate, None
+    assert serve(model, {"text": text})["text"] != want["text"]  # ... and would change the text answer
+    model.lora_gate = gate
+    assert serve(model, {"image": image, "text": text}) == want

@@ -20,29 +20,18 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.config import LLMConfig
+from vlmkit.config import BridgeConfig, LLMConfig
 from vlmkit.infer.api import ServerConfig
 from vlmkit.infer.batching import BatchWorker, Job
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.media import MediaError, MediaPolicy
 from vlmkit.infer.server import build_predictor, create_app
+from vlmkit.models.fusion.xattn import XAttnFusionConfig
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
 from conftest import random_image, tiny_model_config
 from serving import ServerThread
-
-
-class CountingPredictor(Predictor):
-    """The real Predictor, counting its batched `generate` calls and their sizes."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batch_sizes: list[int] = []
-
-    def generate(self, requests, *args, **kwargs):
-        self.batch_sizes.append(len(requests))
-        return super().generate(requests, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def model_dir(tiny_vlm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor(model_dir):
     loaded = build_predictor(model_dir)
-    return CountingPredictor(loaded.model)
+    return Predictor(loaded.model)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +68,7 @@ def lively():
     """A tiny model with a large init range, so answers vary by prompt (and include partial UTF-8 tokens)."""
     torch.manual_seed(0)
     cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}))
-    return CountingPredictor(VisionLanguageModel.from_config(cfg).eval())
+    return Predictor(VisionLanguageModel.from_config(cfg).eval())
 
 
 @pytest.fixture(scope="module")
@@ -326,13 +315,13 @@ def test_without_max_tokens_the_default_is_capped_at_the_limit(server):
 
 
 def test_concurrent_requests_share_forward_passes(lively):
-    predictor = CountingPredictor(lively.model)
+    predictor = Predictor(lively.model)
     config = ServerConfig(batch_window_ms=300, max_batch=8)
     prompts = [f"question number {i}" + " more" * i for i in range(6)]
     limits = [3, 5, 7, 4, 6, 8]
     solo = [predictor.chat(_user(p), max_new_tokens=n) for p, n in zip(prompts, limits)]
-    predictor.batch_sizes.clear()
-    with ServerThread(create_app(predictor, config)) as srv:
+    app = create_app(predictor, config)
+    with ServerThread(app) as srv:
         client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
 
         def ask(i: int):
@@ -340,13 +329,39 @@ def test_concurrent_requests_share_forward_passes(lively):
 
         with ThreadPoolExecutor(len(prompts)) as pool:
             replies = list(pool.map(ask, range(len(prompts))))
-    assert sum(predictor.batch_sizes) == len(prompts)
-    assert len(predictor.batch_sizes) < len(prompts)  # fewer generate calls than requests
-    assert max(predictor.batch_sizes) > 1
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > 2 * stats.decode_steps  # several rows per decode step
     assert len({r.choices[0].message.content for r in replies}) > 1  # distinct answers, not one row copied
     for reply, expected, limit in zip(replies, solo, limits):  # each row keeps its own answer and budget
         assert reply.choices[0].message.content == expected.text
         assert reply.usage.completion_tokens == expected.completion_tokens <= limit
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_when_done(lively):
+    """Continuous batching through the server: a late request starts before an early long one ends, and a short
+    one ends (and answers) while the long one goes on."""
+    app = create_app(Predictor(lively.model), ServerConfig(batch_window_ms=0))
+    with ServerThread(app) as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        body = {
+            "messages": _user("a long answer please"),
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", url, json=body, timeout=60) as long_stream:
+            lines = long_stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk: the long request is decoding
+            short = httpx.post(
+                url, json={"messages": _user("short"), "max_tokens": 3, "ignore_eos": True}, timeout=60
+            )
+            assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+            rest = [line for line in lines if line.startswith("data: {")]
+        finished = json.loads(rest[-2][6:]) if '"usage"' in rest[-1] else json.loads(rest[-1][6:])
+        assert finished["choices"][0]["finish_reason"] == "length"
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > stats.decode_steps  # the short one shared decode steps with the long one
+    assert stats.finished["length"] == 2
 
 
 def test_rows_with_different_budgets_and_stops_share_one_batch(lively):
@@ -535,19 +550,115 @@ def test_media_policy_reaches_the_server(tmp_path, tiny_vlm):
             assert _assert_openai_error(refused, 400)["code"] == "local_media_refused"
 
 
-def test_sampled_and_greedy_requests_are_grouped(tiny_vlm):
-    predictor = CountingPredictor(tiny_vlm)
-    with ServerThread(create_app(predictor, ServerConfig(batch_window_ms=300))) as srv:
+def _metrics(url: str) -> dict[str, float]:
+    """The samples of a Prometheus text page (name{labels} -> value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = httpx.get(f"{url}/metrics", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(page.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"bridge": BridgeConfig.make("qformer", num_queries=4)},
+        {"fusion": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
+    ],
+    ids=["qformer", "xattn"],
+)
+def test_qformer_and_xattn_models_are_served_with_the_same_features(parts):
+    """Concurrent streams with images (each its own answer), the image-feature cache across turns, /metrics, and a
+    cancelled stream freeing its row — on a Q-Former bridge and on xattn fusion."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(
+        tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}), **parts)
+    ).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)  # xattn: the images change the answers
+    predictor = Predictor(model)
+    images = [_data_url(i, (48, 40)) for i in range(3)]
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    solo = [predictor.chat(with_image, [random_image(i, (48, 40))], max_new_tokens=6).text for i in range(3)]
+    app = create_app(predictor, ServerConfig(batch_window_ms=200, max_batch=4))
+    with ServerThread(app) as srv:
         client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
-        settings = [{}, {}, {"temperature": 0.8}, {"temperature": 0.8}]
+
+        def ask(i: int) -> str:
+            stream = client.chat.completions.create(
+                model="m", messages=_user("what is it?", images[i]), max_tokens=6, stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, range(3)))
+        assert answers == solo and len(set(solo)) > 1
+        before = _metrics(srv.url)
+        assert ask(1) == solo[1]  # the same image again (another turn): visual tokens from the cache
+        after = _metrics(srv.url)
+        assert before["vlmkit_image_cache_misses_total"] == 3 and before["vlmkit_image_cache_hits_total"] == 0
+        assert after["vlmkit_image_cache_hits_total"] == 1 and after["vlmkit_image_cache_misses_total"] == 3
+        assert after["vlmkit_image_cache_entries"] == 3 and after["vlmkit_image_cache_bytes"] > 0
+        assert after["vlmkit_time_to_first_token_seconds_count"] == 4
+        assert after["vlmkit_generation_tokens_total"] == 24
+        assert after["vlmkit_inter_token_latency_seconds_count"] == 20
+        assert after["vlmkit_requests_finished_total{finish_reason=length}"] == 4
+        assert after["vlmkit_queue_length"] == 0 and after["vlmkit_batch_size"] == 0
+        # a stream abandoned mid-way frees its row: the next request is served at once
+        body = {"messages": _user("go on", images[0]), "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            _wait_for(lambda: _metrics(srv.url)["vlmkit_batch_size"] == 1)
+            assert _metrics(srv.url)["vlmkit_generation_tokens_total"] > 24  # it is decoding
+        del lines
+        _wait_for(
+            lambda: _metrics(srv.url).get("vlmkit_requests_finished_total{finish_reason=cancelled}") == 1
+        )
+        assert _metrics(srv.url)["vlmkit_batch_size"] == 0
+        assert ask(2) == solo[2]
+
+
+def test_the_model_thread_is_pinned_to_its_cores(lively):
+    from vlmkit.cli.serve_cmds import model_threads
+
+    assert model_threads(None, cores=2) == 1 and model_threads(None, cores=16) == 15 and model_threads(3) == 3
+    assert model_threads(None, cores=1) == 1
+    cores = sorted(os.sched_getaffinity(0))
+    app = create_app(Predictor(lively.model), ServerConfig(model_cpus=1))
+    with ServerThread(app) as srv:
+        reply = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": _user("hi"), "max_tokens": 2})
+        assert reply.status_code == 200
+        worker = app.state.worker
+        assert worker.cpus == ({cores[0]} if len(cores) > 1 else None)
+    assert os.sched_getaffinity(0) == set(cores)  # only the model thread was pinned
+
+
+def test_sampled_and_greedy_requests_share_decode_steps(lively):
+    predictor = Predictor(lively.model)
+    app = create_app(predictor, ServerConfig(batch_window_ms=300))
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(api_key="x", base_url=f"{srv.url}/v1", max_retries=0, timeout=60)
+        settings = [{}, {}, {"temperature": 0.8, "seed": 3}, {"temperature": 0.8, "top_p": 0.5, "seed": 4}]
 
         def ask(kw):
-            return client.chat.completions.create(model="m", messages=_user("hi"), max_tokens=3, **kw)
+            return client.chat.completions.create(
+                model="m", messages=_user("hi"), max_tokens=6, **kw
+            ).choices[0]
 
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(ask, settings))
-    assert all(r.usage.completion_tokens >= 1 for r in replies)
-    assert sum(predictor.batch_sizes) == 4 and len(predictor.batch_sizes) <= 3
+        alone = [ask(kw) for kw in settings]  # one at a time: the same answers (own settings, own seed)
+    assert [r.message.content for r in replies] == [r.message.content for r in alone]
+    stats = app.state.engine.stats
+    assert stats.decoded_rows > stats.decode_steps
     torch.manual_seed(0)  # leave global RNG state predictable for other tests
 
 
@@ -582,6 +693,12 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
             "7",
             "--stall-timeout",
             "9",
+            "--prefill-chunk",
+            "64",
+            "--image-cache-mb",
+            "12.5",
+            "--dtype",
+            "fp32",
             "--no-web",
         ]
     )
@@ -593,6 +710,10 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert config.media.allowed_local_paths == [tmp_path]
     assert config.media.image_formats == ("PNG", "TIFF") and config.decode_budget == 1_000_000
     assert config.body_timeout_s == 7 and config.stall_timeout_s == 9
+    assert config.prefill_chunk == 64 and config.image_cache_mb == 12.5 and config.continuous_batching
+    assert args.dtype == "fp32" and build_parser().parse_args(["serve", "m"]).dtype == "auto"
+    windows = build_parser().parse_args(["serve", "m", "--no-continuous-batching"])
+    assert not _server_config(windows, web=False).continuous_batching
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
     assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -900,7 +1021,8 @@ def test_the_openapi_document_is_true(server):
 def test_boxes_are_mapped_onto_the_last_image_or_the_one_the_request_names(tiny_vlm):
     answer = "<ref>it</ref><box>(100,200),(500,700)</box>"
     first, last = _png_url((1200, 900)), _png_url((600, 300))
-    with ServerThread(create_app(ScriptedAnswer(tiny_vlm, answer), ServerConfig())) as srv:
+    config = ServerConfig(continuous_batching=False)  # the scripted answer comes through `generate`
+    with ServerThread(create_app(ScriptedAnswer(tiny_vlm, answer), config)) as srv:
         url = f"{srv.url}/v1/chat/completions"
         messages = [
             {

@@ -34,7 +34,8 @@ class ScriptedPredictor(Predictor):
 
 @pytest.fixture(scope="module")
 def server(tiny_vlm):
-    with ServerThread(create_app(ScriptedPredictor(tiny_vlm), ServerConfig(model_name="scripted"))) as srv:
+    config = ServerConfig(model_name="scripted", continuous_batching=False)  # the script runs in `generate`
+    with ServerThread(create_app(ScriptedPredictor(tiny_vlm), config)) as srv:
         yield srv
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from vlmkit.infer.decoding import DEFAULT_IMAGE_FORMATS, check_formats
@@ -14,7 +15,13 @@ def _chat(args: argparse.Namespace) -> int:
     from vlmkit.infer.chat import run_chat, session_config
     from vlmkit.infer.server import build_predictor
 
-    predictor = build_predictor(args.model_dir, system_prompt=args.system)
+    predictor = build_predictor(
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        prepack=not args.no_prepack,
+        system_prompt=args.system,
+    )
     config = session_config(
         max_new_tokens=args.max_tokens,
         do_sample=args.temperature > 0,
@@ -47,6 +54,9 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
     return ServerConfig(
         model_name=args.model_name or Path(args.model_dir).resolve().name,
         max_batch=args.max_batch,
+        continuous_batching=not args.no_continuous_batching,
+        prefill_chunk=args.prefill_chunk,
+        image_cache_mb=args.image_cache_mb,
         batch_window_ms=args.batch_window_ms,
         batch_max_wait_ms=args.batch_max_wait_ms,
         max_queue=args.max_queue,
@@ -64,12 +74,33 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
     )
 
 
+def model_threads(requested: int | None, cores: int | None = None) -> int:
+    """Compute threads for the model: as asked, or all cores but one (left to the HTTP side), at least 1."""
+    if requested and requested > 0:
+        return requested
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def _serve(args: argparse.Namespace, web: bool) -> int:
+    import torch
+
     from vlmkit.infer.server import build_predictor, create_app, serve
     from vlmkit.log import get_logger
 
     config = _server_config(args, web)
-    app = create_app(build_predictor(args.model_dir, system_prompt=args.system), config)  # type: ignore[arg-type]
+    threads = model_threads(args.threads)
+    torch.set_num_threads(threads)
+    config.model_cpus = None if args.no_pin else threads
+    predictor = build_predictor(
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        prepack=not args.no_prepack,
+        system_prompt=args.system,
+    )
+    app = create_app(predictor, config)  # type: ignore[arg-type]
     log = get_logger("vlmkit.serve")
     log.info("serving %s on http://%s:%d (OpenAI API at /v1)", args.model_dir, args.host, args.port)
     if web:
@@ -84,10 +115,42 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: directory name)")
     p.add_argument("--system", default=None, help="system prompt added to every conversation")
+    _add_model_options(p)
     g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    g.add_argument("--max-batch", type=int, default=32, help="rows decoded together")
     g.add_argument(
-        "--batch-window-ms", type=float, default=10.0, help="start a batch once no request came for this long"
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per decode step while other requests decode (smaller: steadier streams)",
+    )
+    g.add_argument(
+        "--image-cache-mb",
+        type=float,
+        default=256.0,
+        help="memory for the image-feature cache (visual tokens by image bytes, LRU); 0 turns it off",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="compute threads of the model (default: all cores but one, at least 1)",
+    )
+    g.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the model thread to its cores (pinned by default, as vLLM's CPU backend does)",
+    )
+    g.add_argument(
+        "--no-continuous-batching",
+        action="store_true",
+        help="decode requests in windows (each batch runs to its end) instead of joining the running batch",
+    )
+    g.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=10.0,
+        help="an idle server starts once no request came for this long",
     )
     g.add_argument(
         "--batch-max-wait-ms", type=float, default=100.0, help="...or this long after its first request"
@@ -139,9 +202,27 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     )
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="weights' dtype; auto: bf16 on a CPU with native bf16 (AVX512-BF16/AMX) or a bf16 GPU, else fp32",
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
+    )
+    p.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="CPU: plain linear weights (default: prepacked for oneDNN, faster, one more copy in memory)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="chat with a model in the terminal (/image PATH, /reset, /quit)")
     p.add_argument("model_dir")
+    _add_model_options(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image(s) for the first turn")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch.utils.data import Sampler
@@ -14,24 +14,38 @@ from vlmkit.log import get_logger
 log = get_logger(__name__)
 
 PADDING_SIDES = ("right", "left")
+
+
+class ModelInputs(TypedDict, total=False):
+    """What `VisionLanguageModel.forward(**batch)` takes; a collated batch carries a subset of it. Shapes: B rows,
+    T tokens, I pixel tensors (images, or tiles under AnyRes) in row order."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T]; None for packed rows (position_ids keep samples apart)
+    pixel_values: torch.Tensor | None  # [I, 3, S, S]
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX where no loss is taken
+    position_ids: torch.Tensor  # [B, T], restarting at 0 for each packed sample
+    image_counts: list[int]  # pixel tensors per row
+    sample_ids: list[str]  # per row (packed rows: ids joined by "+")
+    vision_features: torch.Tensor  # [I, N, Dv] cached tower outputs instead of pixel_values
+    label_weights: torch.Tensor  # [B, T] per-token loss weights (per-sample loss averaging)
+    image_sizes: list[tuple[int, int]]  # every image's (width, height), in pixel-tensor order
+
+
+class Batch(ModelInputs, total=False):
+    """A collated batch: the model's inputs plus bookkeeping the model does not take."""
+
+    sample_index: torch.Tensor  # packed rows: [B, T] index into packed_ids, -1 on padding
+    packed_ids: list[str]  # packed rows: the input samples' ids, in input order
+
+
 # The keys `VisionLanguageModel.forward` accepts; a batch may carry more (e.g. `sample_index`).
-MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "pixel_values",
-    "labels",
-    "position_ids",
-    "image_counts",
-    "sample_ids",
-    "vision_features",
-    "label_weights",
-    "image_sizes",
-)
+MODEL_INPUT_KEYS = tuple(ModelInputs.__annotations__)
 
 
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+def model_inputs(batch: Mapping[str, Any]) -> ModelInputs:
     """The subset of a collated batch that `VisionLanguageModel.forward(**...)` accepts."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    return cast(ModelInputs, {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch})
 
 
 def _pixel_rows(sample: Mapping[str, Any]) -> int:
@@ -50,7 +64,7 @@ def _concat_pixels(samples: Sequence[Mapping[str, Any]], key: str = "pixel_value
     return torch.cat(pixels, dim=0) if pixels else None
 
 
-def _with_features(batch: dict[str, Any], samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _with_features(batch: Batch, samples: Sequence[Mapping[str, Any]]) -> Batch:
     """Add `vision_features` [I, N, Dv] (in `samples` order) when the items carry cached features, and
     `image_sizes` (every image's (width, height), in the same order) when the items carry them."""
     if any(s.get("vision_features") is not None for s in samples):
@@ -92,14 +106,14 @@ class Collator:
                 out[i, length - n :] = row
         return out
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> Batch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         ids = [torch.as_tensor(s["input_ids"], dtype=torch.long) for s in samples]
         length = self._padded_length(max(len(r) for r in ids))
         input_ids = self._pad(ids, self.pad_token_id, length)  # [B, T]
         attention_mask = self._pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0, length)  # [B, T]
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch: Batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if all(s.get("labels") is not None for s in samples):
             labels = [torch.as_tensor(s["labels"], dtype=torch.long) for s in samples]
             batch["labels"] = self._pad(labels, IGNORE_INDEX, length)  # [B, T]
@@ -146,7 +160,7 @@ class PackingCollator:
         self.pad_token_id = int(pad_token_id)
         self.max_length = int(max_length)
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> Batch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         if any(s.get("labels") is None for s in samples):
@@ -181,7 +195,7 @@ class PackingCollator:
                 order.append(k)
             position_ids[row, at:] = torch.arange(length - at)  # padding: a "sequence" of its own
         packed = [samples[k] for k in order]
-        batch = {
+        batch: Batch = {
             "input_ids": input_ids,
             "attention_mask": None,
             "labels": labels,

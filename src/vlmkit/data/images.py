@@ -1,4 +1,8 @@
-"""Image loading with safety limits, square resize strategies, LLaVA-NeXT AnyRes tiling and token accounting."""
+"""Image loading with safety limits, square resize strategies, LLaVA-NeXT AnyRes tiling and token accounting.
+
+Over 400 lines: decoding limits, the four resize modes and AnyRes share the geometry helpers (sizes, grids,
+token counts) that the box mapping and the processor also use.
+"""
 
 from __future__ import annotations
 

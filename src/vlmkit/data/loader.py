@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmkit.data.collate import (
+    Batch,
     length_grouped_indices,
     model_inputs,
     padded_sample_index,
@@ -314,7 +315,7 @@ class BatchLoader:
         )
         self._iter = iter(loader)
 
-    def next_batch(self, epoch: int, pos: int) -> tuple[dict[str, Any], int, int]:
+    def next_batch(self, epoch: int, pos: int) -> tuple[Batch, int, int]:
         """The micro-batch at (epoch, pos) and the position after it."""
         epoch, pos = next_position(epoch, pos, self.steps_per_epoch)
         if self._iter is None or self._next != (epoch, pos):

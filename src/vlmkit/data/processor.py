@@ -4,6 +4,9 @@ Built from the model config's `processor` section, the tokenizer and the tower's
 it needs no model and pickles into data-loader workers). Training (`VLMDataset`), `chat`, `serve`, `eval`
 and export all go through it; it is saved beside the model (`processor_config.json` + tokenizer files).
 Padding is not its job: the collator pads.
+
+Over 400 lines: it is the one place inputs are built (chat rendering, placeholders, pixels, tiles, boxes,
+save/load) — the point of it is that this is not split across modules again.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The served API: settings, OpenAI-shaped errors, pydantic request/response schemas, and the mapping of a request
-onto a `ChatRequest` (messages, generation settings) and of a `ChatResult` onto the response."""
+onto a `ChatRequest` (messages, generation settings) and of a `ChatResult` onto the response.
+
+Over 400 lines: the OpenAI request/response schemas are one contract (each field's validation next to the
+others); splitting them would scatter it.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +27,15 @@ class ServerConfig:
     """Serving limits; every one is checked before a request reaches the model."""
 
     model_name: str = "vlmkit"
-    max_batch: int = 8  # requests decoded together in one Predictor.generate call
-    batch_window_ms: float = 10.0  # a batch starts once no request has arrived for this long...
+    max_batch: int = 32  # rows decoding together (continuous batching), or requests per generate call
+    batch_window_ms: float = 10.0  # an idle server starts once no request has arrived for this long...
     batch_max_wait_ms: float = 100.0  # ...or this long after its first request (while others are admitted)
+    continuous_batching: bool = (
+        True  # requests join / leave the running batch at every step (Predictor backends)
+    )
+    prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
+    image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off
+    model_cpus: int | None = None  # pin the model thread to this many cores (None: not pinned)
     max_queue: int = 256  # queued requests beyond this get HTTP 429
     default_max_tokens: int = 256
     max_tokens_limit: int = 2048  # larger `max_tokens` is refused

@@ -1,9 +1,13 @@
-"""The server's one model thread: it pulls queued requests within a short window, groups them by sampling
-settings and decodes each group in one `Backend.generate` call, streaming each row's text to its own handler."""
+"""The server's one model thread. With an `Engine` (a `Predictor` backend) it batches continuously: a request joins
+the running decode batch at the next step and leaves it when it ends. Any other backend (`Backend.generate` only,
+e.g. a test stub) is served in windows: queued requests are pulled within a short window, grouped by sampling
+settings and decoded group by group, each in one `generate` call. Either way each row's text streams to its own
+handler."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vlmkit.infer.api import ApiError, ServerConfig, generation_failed
+from vlmkit.infer.engine import Engine, RowSink
 from vlmkit.infer.generate import ChatRequest, ChatResult, sampling_key
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
@@ -45,6 +50,7 @@ class Job:
     stream: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     streamed: bool = False  # some text already went out
+    arrived: float = field(default_factory=time.monotonic)  # queued at (time to first token counts from here)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -55,13 +61,15 @@ class Job:
 
 
 class BatchWorker:
-    """The one thread that owns the model: pulls every queued request within a short window (up to
-    `max_batch`), groups them by sampling settings and decodes each group in one `generate` call."""
+    """The one thread that owns the model (see the module docstring): with `engine`, continuous batching; without,
+    windows of requests decoded in `backend.generate` calls."""
 
-    def __init__(self, backend: Backend, config: ServerConfig) -> None:
+    def __init__(self, backend: Backend, config: ServerConfig, engine: Engine | None = None) -> None:
         self.backend = backend
         self.config = config
-        self.generate_calls = 0
+        self.engine = engine
+        self.cpus: set[int] | None = None  # the cores the model thread is pinned to (None: not pinned)
+        self.generate_calls = 0  # generate calls (windows), or decode steps (engine)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.max_queue)
         self._lock = threading.Lock()
         self._admitting = 0  # requests between arrival and the queue
@@ -69,6 +77,7 @@ class BatchWorker:
         self._thread: threading.Thread | None = None
         self._busy_since: float | None = None  # set while the worker serves a batch
         self._progress = time.monotonic()  # last sign of life from the model (a decode step)
+        self._window_size = 0
 
     @property
     def alive(self) -> bool:
@@ -76,7 +85,15 @@ class BatchWorker:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Requests not yet decoding: in the queue, or (engine) waiting for their prefill."""
+        return self._queue.qsize() + (self.engine.queued if self.engine is not None else 0)
+
+    @property
+    def decoding(self) -> int:
+        """Rows in the running decode batch (engine), or in the window being decoded."""
+        if self.engine is not None:
+            return len(self.engine.rows)
+        return self._window_size
 
     def stalled_for(self) -> float:
         """Seconds the batch in progress has gone without a decode step (0 when idle)."""
@@ -87,7 +104,8 @@ class BatchWorker:
     def start(self) -> None:
         if not self.alive:
             self._stopping.clear()
-            self._thread = threading.Thread(target=self._run, name="vlmkit-generate", daemon=True)
+            target = self._run if self.engine is None else self._run_engine
+            self._thread = threading.Thread(target=target, name="vlmkit-generate", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -128,6 +146,95 @@ class BatchWorker:
             with self._lock:
                 self._admitting -= 1
 
+    # ------------------------------------------------------------------------- continuous batching
+    def _run_engine(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        self._pin()
+        while True:
+            if not engine.busy:
+                self._busy_since = None
+                if self._stopping.is_set():
+                    return
+                first = self._queue.get()
+                if first is None:
+                    continue
+                jobs = self._collect(first)  # requests that arrive together are prefilled together
+                self._busy_since = self._progress = time.monotonic()
+                del first
+            else:
+                jobs = self._drain()
+            for job in jobs:
+                self._admit(job)
+            del jobs  # the requests' images must not outlive their rows while the worker waits
+            try:
+                engine.step()
+            except Exception as err:  # never let a step kill the worker
+                logger.exception("engine step failed")
+                engine.fail(err)
+            self.generate_calls += 1
+            self._progress = time.monotonic()
+
+    def _pin(self) -> None:
+        """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU
+        backend binds its engine: no migrations between decode steps."""
+        n = self.config.model_cpus
+        if not n or not hasattr(os, "sched_setaffinity"):
+            return
+        allowed = sorted(os.sched_getaffinity(0))
+        if len(allowed) <= 1:
+            return
+        self.cpus = set(allowed[: min(n, len(allowed))])
+        os.sched_setaffinity(0, self.cpus)  # 0: this thread only (Linux)
+        logger.info("model thread pinned to CPU(s) %s", sorted(self.cpus))
+
+    def _drain(self) -> list[Job]:
+        """What is queued now (no waiting); nothing once stopping."""
+        jobs: list[Job] = []
+        while not self._stopping.is_set():
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def _admit(self, job: Job) -> None:
+        """Tokenize a job's prompt, check its length and hand it to the engine."""
+        if job.cancelled.is_set():
+            return
+        assert self.engine is not None
+        try:  # the tokenizer is used by this thread only
+            row = self.engine.prepare(job.request, job.config)
+        except Exception as err:  # a prompt the template or tokenizer refuses fails only its own request
+            job.emit(
+                ("error", ApiError(400, f"invalid prompt: {err}", param="messages", code="invalid_prompt"))
+            )
+            return
+        if row.prompt_tokens > self.config.max_prompt_tokens:
+            msg = f"prompt has {row.prompt_tokens} tokens > the limit of {self.config.max_prompt_tokens}"
+            job.emit(("error", ApiError(400, msg, param="messages", code="context_length_exceeded")))
+            return
+        row.arrived = job.arrived
+        job.emit(("accepted", row.prompt_tokens))
+
+        def on_text(delta: str) -> None:
+            job.streamed = True
+            job.emit(("text", delta))
+
+        def on_error(err: Exception) -> None:
+            job.emit(("error", generation_failed(err)))
+
+        sink = RowSink(
+            on_text=on_text if job.stream else None,  # a non-streaming handler wants only the result
+            on_done=lambda result: job.emit(("done", result)),
+            on_error=on_error,
+            cancelled=job.cancelled.is_set,
+        )
+        self.engine.add(row, sink)
+
+    # ------------------------------------------------------------------------------ windows
     def _run(self) -> None:
         while not self._stopping.is_set():
             first = self._queue.get()
@@ -189,7 +296,11 @@ class BatchWorker:
             job.emit(("accepted", n))
             ready.setdefault(job.key, []).append(job)
         for group in ready.values():
-            self._generate(group)
+            self._window_size = len(group)
+            try:
+                self._generate(group)
+            finally:
+                self._window_size = 0
 
     def _generate(self, group: list[Job]) -> None:
         def on_text(row: int, delta: str) -> None:

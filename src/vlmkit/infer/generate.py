@@ -17,7 +17,9 @@ from vlmkit.data.grounding import Box
 from vlmkit.data.processor import Layout
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel, truncate_at_stop
-from vlmkit.precision import autocast_context
+from vlmkit.precision import autocast_context, cpu_bf16_supported
+
+DTYPES = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -28,6 +30,9 @@ class ChatRequest:
     images: list[Image.Image] = field(default_factory=list)
     config: GenerationConfig | None = None
     box_image: int = 0  # which image the answer's boxes are mapped onto (-1: the last one)
+    image_keys: list[str] | None = (
+        None  # one per image (sha256 of its bytes): the server's image-feature cache
+    )
 
 
 @dataclass
@@ -38,6 +43,20 @@ class ChatResult:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled" (`should_stop` said so)
     boxes: list[tuple[str | None, Box]]  # parsed from `text`, in pixels of the ORIGINAL image (`box_image`)
+
+
+def serving_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype for inference: `bf16`, `fp32`, or `auto` = bf16 where the hardware computes in it
+    natively (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16 support), else fp32 (docs/serving.md: measured)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.startswith("cuda"):
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:
+            native = cpu_bf16_supported()
+        name = "bf16" if native else "fp32"
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 def sampling_key(config: GenerationConfig) -> tuple[Any, ...]:
@@ -278,8 +297,11 @@ class Predictor:
         self, batch: dict[str, Any], config: GenerationConfig, streamer: Callable[[torch.Tensor], None]
     ) -> None:
         """Run the model's decode loop on a prepared batch, feeding every step's tokens [B] to `streamer`."""
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        param = next(self.model.parameters())
+        batch = {k: v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if batch.get("pixel_values") is not None:  # the tower's dtype (bf16 weights take bf16 pixels)
+            batch["pixel_values"] = batch["pixel_values"].to(next(self.model.vision.parameters()).dtype)
+        device = param.device
         with autocast_context(self.precision, device.type):
             self.model.generate(**batch, config=config, streamer=streamer)
 

@@ -13,21 +13,26 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from vlmkit.infer import api
 from vlmkit.infer.api import ApiError, ChatCompletionRequest, ImageRef, ServerConfig
 from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
+from vlmkit.infer.engine import Engine, EngineStats
 from vlmkit.infer.errors import BodyGuardMiddleware, add_error_handlers
-from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor
+from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, serving_dtype
 from vlmkit.infer.health import health_problems
+from vlmkit.infer.image_cache import ImageFeatureCache, bytes_key
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
+from vlmkit.infer.metrics import CONTENT_TYPE, ServerMetrics
+from vlmkit.infer.prepack import prepack_linears
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
@@ -81,9 +86,11 @@ class _Images:
     def __init__(self, budget: PixelBudget, policy: MediaPolicy, loads: dict[object, float]) -> None:
         self.budget, self.policy, self.loads = budget, policy, loads
         self.reserved = 0
+        self.keys: list[str] = []  # sha256 of each image's bytes (the image-feature cache's key)
 
     async def load(self, refs: Sequence[ImageRef], timeout: float) -> list[Image.Image]:
         encoded = await self._in_thread(self._fetch, refs)
+        self.keys = [bytes_key(e.data) for e in encoded]
         pixels = sum(e.info.pixels for e in encoded)
         try:
             await self.budget.reserve(pixels, timeout)
@@ -147,7 +154,19 @@ _STREAM_DOC = {
 def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app: /v1/chat/completions, /v1/models, /health (+ the web demo at / if enabled)."""
     config = config or ServerConfig()
-    worker = BatchWorker(backend, config)
+    engine = image_cache = stats = None
+    if isinstance(backend, Predictor) and config.continuous_batching:
+        image_cache = ImageFeatureCache(int(config.image_cache_mb * 2**20))
+        stats = EngineStats()
+        engine = Engine(
+            backend,
+            max_rows=config.max_batch,
+            prefill_chunk=config.prefill_chunk,
+            image_cache=image_cache,
+            stats=stats,
+        )
+    worker = BatchWorker(backend, config, engine)
+    metrics = ServerMetrics(lambda: worker.queued, lambda: worker.decoding, stats, image_cache)
     loads: dict[object, float] = {}  # image loads in flight -> their start
 
     @contextlib.asynccontextmanager
@@ -165,6 +184,8 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="vlmkit", description="OpenAI-compatible vision-language chat", lifespan=lifespan)
     app.state.worker = worker
+    app.state.engine = engine
+    app.state.metrics = metrics
     app.state.config = config
     app.state.loads = loads
     app.add_middleware(BodyGuardMiddleware, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
@@ -184,6 +205,14 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             status_code=503 if problems else 200,
         )
 
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models", response_model=api.ModelList)
     async def models() -> dict[str, Any]:
         return {
@@ -201,7 +230,9 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
                 messages, refs = api.convert_messages(body, config)
                 box_image = api.box_image(body, len(refs))
                 pictures = await images.load(refs, config.request_timeout_s)
-                chat_request = ChatRequest(messages, pictures, gen_config, box_image=box_image)
+                chat_request = ChatRequest(
+                    messages, pictures, gen_config, box_image=box_image, image_keys=images.keys
+                )
                 call = _Call(worker, chat_request, gen_config, body.stream, config.request_timeout_s)
             kind, value = await call.next(request)  # accepted by the worker, or refused
             if kind == "error":
@@ -331,9 +362,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def build_predictor(model_dir: str | Path, **kwargs: Any) -> Predictor:
-    """Load a saved vlmkit model and wrap it for serving (kwargs go to `Predictor`)."""
-    return Predictor(VisionLanguageModel.from_pretrained(model_dir), **kwargs)
+def build_predictor(
+    model_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu", prepack: bool = False, **kwargs: Any
+) -> Predictor:
+    """Load a saved vlmkit model in `dtype` (`auto`, `bf16`, `fp32`: see `serving_dtype`) on `device` (`auto`: CUDA
+    when available), optionally with its linears prepacked for oneDNN (CPU; `infer/prepack.py`), and wrap it for
+    serving (kwargs go to `Predictor`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = VisionLanguageModel.from_pretrained(model_dir)
+    model = model.to(device=device, dtype=serving_dtype(dtype, device))
+    if prepack and device == "cpu":
+        logger.info("prepacked %d linear layers for oneDNN", prepack_linears(model))
+    return Predictor(model, **kwargs)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

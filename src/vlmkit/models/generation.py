@@ -29,6 +29,11 @@ def select_next(
     """logits [B, V] -> next token ids [B] (argmax, or a sample after temperature / top-k / top-p)."""
     if not cfg.do_sample or cfg.temperature <= 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, cfg), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """logits [B, V] -> the distribution sampled from [B, V], after temperature, top-k and top-p (row-wise)."""
     logits = logits / cfg.temperature
     if cfg.top_k > 0:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -39,8 +44,26 @@ def select_next(
         drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def select_rows(
+    logits: torch.Tensor,
+    configs: Sequence[GenerationConfig],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B], each row by its own settings and random stream: a row gets exactly the
+    token `select_next(logits[i:i+1], configs[i], generators[i])` would give, whatever its batch-mates."""
+    tokens = logits.argmax(dim=-1)  # [B]
+    groups: dict[tuple[float, float, int], list[int]] = {}
+    for row, cfg in enumerate(configs):
+        if cfg.do_sample and cfg.temperature > 0:
+            groups.setdefault((cfg.temperature, cfg.top_p, cfg.top_k), []).append(row)
+    for rows in groups.values():
+        probs = sampling_probs(logits[rows], configs[rows[0]])  # row-wise ops: the same as one row at a time
+        for j, row in enumerate(rows):
+            tokens[row] = torch.multinomial(probs[j : j + 1], 1, generator=generators[row])[0, 0]
+    return tokens
 
 
 def decode_loop(

@@ -10,6 +10,9 @@ Exportable: prefix fusion, an `hf` tower wrapping CLIP or SigLIP at its native r
 depth-2 `mlp` bridge (GELU), no token reduction. A linear bridge is exported as Llava's two-layer projector
 with an identity activation and an identity second layer, so the export is exact; importing such a projector
 gives a linear bridge again.
+
+Over 400 lines: export and import are two directions of one mapping (weight names, configs, processors);
+kept together so that a change to one side is seen next to the other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Vision towers: `forward(pixels[B,3,H,W]) -> features[B,N,Dv]`, built by id from `VisionConfig`."""
+"""Vision towers: `forward(pixels[B,3,H,W]) -> features[B,N,Dv]`, built by id from `VisionConfig`.
+
+Over 400 lines: three tower kinds (`vit`, `hf`, `fused`) with their configs and tiny test configs; each is
+self-contained below the shared `VisionTower` contract and could move to its own module when a fourth comes.
+"""
 
 from __future__ import annotations
 

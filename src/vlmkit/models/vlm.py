@@ -104,11 +104,19 @@ class VisionLanguageModel(nn.Module):
         self.llm.model = self.llm.model.merge_and_unload()
         self.cfg.lora = None
 
+    def image_rows(self, with_image: torch.Tensor) -> Any:
+        """Context for LLM passes over rows of which only those where `with_image` ([B], or [B, T] for packed
+        rows; bool) is true get the image-gated LoRA; nothing without one. For callers that run the LLM on rows
+        they built themselves (the server's engine)."""
+        if self.lora_gate is None:
+            return contextlib.nullcontext()
+        return self.lora_gate.rows(with_image)
+
     def _gated(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> Any:
         """Context for one LLM pass: an image-gated LoRA runs only on the rows (packed samples) with an image."""
         if self.lora_gate is None:
             return contextlib.nullcontext()
-        return self.lora_gate.rows(rows_with_image(input_ids, self.image_token_id, position_ids))
+        return self.image_rows(rows_with_image(input_ids, self.image_token_id, position_ids))
 
     @property
     def tokenizer(self) -> Any:

@@ -1,4 +1,8 @@
-"""ShapesWorld: a deterministic procedural dataset of colored shapes with LLaVA-format task records."""
+"""ShapesWorld: a deterministic procedural dataset of colored shapes with LLaVA-format task records.
+
+Over 400 lines: scenes, rendering and the task builders share the scene model; the plugin's other parts
+(data config, scoring, hooks, quickstart) are separate modules.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from vlmkit.config import DataConfig, RecipeConfig, StageConfig
-from vlmkit.data.collate import Collator, PackingCollator
+from vlmkit.data.collate import Batch, Collator, PackingCollator
 from vlmkit.data.dataset import DataReport, RecordEncoder, VLMDataset
 from vlmkit.data.generators import generate
 from vlmkit.data.loader import (
@@ -186,7 +186,7 @@ class StageData:
             seed=mix_seed(self.seed, self.rank),
         )
 
-    def next_batch(self, epoch: int, batch_pos: int) -> tuple[dict[str, Any], int, int]:
+    def next_batch(self, epoch: int, batch_pos: int) -> tuple[Batch, int, int]:
         """The micro-batch at (epoch, batch_pos) for this rank, on the device, and the position after it."""
         if self._loader is None:
             self._loader = self.loader()

@@ -1,4 +1,8 @@
-"""Frozen-tower feature cache: tower outputs computed once per image, kept in safetensors shards on disk."""
+"""Frozen-tower feature cache: tower outputs computed once per image, kept in safetensors shards on disk.
+
+Over 400 lines: the fingerprint, the shard writer, the reader and the precompute (with its resume points) share
+one on-disk format and are kept together so that format is defined in one place.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from vlmkit.config import to_dict
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
-from vlmkit.models.vision import VisionTower
+from vlmkit.models.fingerprint import (  # noqa: F401 (weights_digest re-exported)
+    hf_configs,
+    preprocessing,
+    tower_description,
+    weights_digest,
+)
 
 if TYPE_CHECKING:
     from vlmkit.config import DataConfig
@@ -30,8 +38,6 @@ CACHE_DIRNAME = "feature_cache"
 SHARD_GLOB = "shard-*.safetensors"
 FINGERPRINT_NAME = "fingerprint.json"
 DEFAULT_SHARD_BYTES = 256 * 2**20
-# HF config entries that say where a config came from, not what the tower computes.
-_HF_NOISE = {"transformers_version", "architectures", "torch_dtype", "dtype", "name_or_path"}
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -47,62 +53,12 @@ def image_key(source: str | Path | bytes) -> str:
     return digest.hexdigest()
 
 
-def _strip_sources(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A vision config dict without `path` / `hf_config` (recursively): where the weights and the HF config
-    come from changes between stages (`portable_config` swaps a path for the full config), what they are is
-    hashed separately."""
-    out = {k: v for k, v in cfg.items() if k not in ("path", "hf_config")}
-    out["towers"] = [_strip_sources(t) for t in cfg.get("towers", [])]
-    return out
-
-
-def _hf_configs(tower: nn.Module) -> list[dict[str, Any]]:
-    """The transformers configs of every HF (sub-)tower, without provenance entries."""
-    found = []
-    for module in tower.modules():
-        hf = module.hf_config_dict() if isinstance(module, VisionTower) else None
-        if hf is not None:
-            found.append({k: v for k, v in hf.items() if not k.startswith("_") and k not in _HF_NOISE})
-    return found
-
-
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over the state dict: every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy())  # the raw bytes, no copy
-    return digest.hexdigest()
-
-
-def preprocessing(images: ImageProcessor) -> dict[str, Any]:
-    """The image settings that decide the pixels the tower sees (not where files live, not the limits)."""
-    return images.settings()
-
-
 def tower_fingerprint(
     model: nn.Module, images: ImageProcessor, dtype: torch.dtype = torch.float32
 ) -> tuple[str, dict[str, Any]]:
-    """(sha256 hex, description) of everything the cached features depend on: the tower's config (model.cfg.vision
-    without weight sources), its HF configs, its weights, the preprocessing settings and the storage dtype."""
-    tower = model.vision
-    desc = {
-        "format": FORMAT_VERSION,
-        "tower_class": f"{type(tower).__module__}.{type(tower).__qualname__}",
-        "config": _strip_sources(to_dict(model.cfg.vision)),
-        "hf_configs": _hf_configs(tower),
-        "tower": {
-            "image_size": int(tower.image_size),
-            "mean": [float(x) for x in tower.image_mean],
-            "std": [float(x) for x in tower.image_std],
-            "feature_dim": int(tower.feature_dim),
-            "num_patches": int(tower.num_patches()),
-        },
-        "preprocessing": preprocessing(images),
-        "dtype": str(dtype),
-        "weights_sha256": weights_digest(tower),
-    }
+    """(sha256 hex, description) of everything the cached features depend on (`tower_description`) and the
+    cache's format version."""
+    desc = {"format": FORMAT_VERSION, **tower_description(model, images, dtype)}
     text = json.dumps(desc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest(), desc
 
@@ -337,7 +293,7 @@ def _stochastic(tower: nn.Module) -> str | None:
     for name, module in tower.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
             return f"dropout {module.p} at vision.{name}"
-    for hf in _hf_configs(tower):
+    for hf in hf_configs(tower):
         for key, value in hf.items():
             stochastic = "dropout" in key or "drop_path" in key
             if stochastic and isinstance(value, int | float) and not isinstance(value, bool) and value > 0:

@@ -1,4 +1,8 @@
-"""The training loop: stages in order, accumulation, schedule, clipping, mixed precision, checkpoints, resume."""
+"""The training loop: stages in order, accumulation, schedule, clipping, mixed precision, checkpoints, resume.
+
+Over 400 lines: the stage loop with exact resume (where a run starts again, checkpoints, validation lines,
+metrics trimming) is one state machine; the step itself lives in train/step.py.
+"""
 
 from __future__ import annotations
 

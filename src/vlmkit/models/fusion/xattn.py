@@ -239,6 +239,58 @@ class XAttnFusion(Fusion):
         index = torch.cat([media.media_index, media.media_index[:, -1:]], dim=1)
         return {**kwargs, MEDIA_KWARG: replace(media, media_index=index)}
 
+    def window(self, kwargs: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+        """Tokens [start, end) see the images their own `media_index` columns name (projected keys shared)."""
+        media = kwargs.get(MEDIA_KWARG)
+        if media is None:
+            return kwargs
+        return {**kwargs, MEDIA_KWARG: replace(media, media_index=media.media_index[:, start:end])}
+
+    def join(self, parts: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+        """Rows of several calls in one Media: images zero-padded to the most any row has (a padded image is never
+        named by a row's `media_index`), rows without images get index -1; only the last `media_index` column is
+        kept (each row goes on one token per call), and the projected keys/values are joined, not recomputed."""
+        medias = [p.get(MEDIA_KWARG) for p in parts]
+        present = [m for m in medias if m is not None]
+        if not present:
+            return {}
+        ref = present[0]
+        num_images = max(m.media.shape[1] for m in present)
+        media, index = [], []
+        for m, n in zip(medias, sizes):
+            if m is None:
+                media.append(ref.media.new_zeros(n, num_images, *ref.media.shape[2:]))
+                index.append(
+                    torch.full((n, 1), -1, dtype=ref.media_index.dtype, device=ref.media_index.device)
+                )
+            else:
+                media.append(F.pad(m.media, (0, 0, 0, 0, 0, num_images - m.media.shape[1])))
+                index.append(m.media_index[:, -1:])
+        kv = {}
+        for block in set.intersection(*(set(m.kv) for m in present)):
+            tokens = num_images * ref.media.shape[2]  # keys per row after padding: I * M
+            keys, values = [], []
+            for m, n in zip(medias, sizes):
+                if m is None:
+                    k = ref.kv[block][0].new_zeros(
+                        n, ref.kv[block][0].shape[1], tokens, ref.kv[block][0].shape[3]
+                    )
+                    keys.append(k)
+                    values.append(torch.zeros_like(k))
+                else:
+                    k, v = m.kv[block]  # [n, H, I_m * M, D/H]
+                    keys.append(F.pad(k, (0, 0, 0, tokens - k.shape[2])))
+                    values.append(F.pad(v, (0, 0, 0, tokens - v.shape[2])))
+            kv[block] = (torch.cat(keys), torch.cat(values))
+        return {MEDIA_KWARG: Media(torch.cat(media), torch.cat(index), kv)}
+
+    def select(self, kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+        media = kwargs.get(MEDIA_KWARG)
+        if media is None:
+            return kwargs
+        kv = {block: (k[rows], v[rows]) for block, (k, v) in media.kv.items()}
+        return {**kwargs, MEDIA_KWARG: Media(media.media[rows], media.media_index[rows], kv)}
+
     def check(self, kwargs: dict[str, Any]) -> None:
         media = kwargs.get(MEDIA_KWARG)
         if media is not None and media.seen[0] == 0:

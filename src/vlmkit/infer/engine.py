@@ -1,0 +1,340 @@
+"""Continuous batching for the server: a request joins the running decode batch at the next step and leaves it
+when it ends, each row with its own sampling settings; prompts are prefilled in chunks under a per-step token
+budget, so a long prompt does not stall the streams already decoding.
+
+One `Engine.step()` = (a) drop cancelled rows, (b) prefill waiting rows, first come first served, up to
+`prefill_chunk` prompt tokens (unlimited while nothing decodes), each fully prefilled row sampling its first token
+and joining the batch, (c) one decode step for every row in the batch. Only the model thread calls it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmkit.data.processor import Layout
+from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
+from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
+from vlmkit.log import get_logger
+from vlmkit.models.generation import GenerationConfig, select_rows
+from vlmkit.models.row_batch import RowBatch
+from vlmkit.models.vlm import check_image_tokens
+from vlmkit.precision import autocast_context
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class RowSink:
+    """Where a row's events go (called on the model thread): text deltas, the result, or an error; `cancelled`
+    is polled every step."""
+
+    on_text: Callable[[str], None] | None = None
+    on_done: Callable[[ChatResult], None] = lambda result: None
+    on_error: Callable[[Exception], None] = lambda err: None
+    cancelled: Callable[[], bool] = lambda: False
+    on_first_token: Callable[[], None] | None = None
+
+
+@dataclass(eq=False)
+class Row:
+    """One request inside the engine: its prompt (token ids), settings, text stream and timing."""
+
+    request: ChatRequest
+    config: GenerationConfig
+    ids: torch.Tensor  # [T] prompt token ids, placeholders expanded
+    layouts: list[Layout]
+    sink: RowSink = field(default_factory=RowSink)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    token: int | None = None  # the newest token, fed to the next decode step
+    arrived: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass
+class EngineStats:
+    """Counters and recent timings for /metrics (written by the model thread, read by the server)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decoded_rows: int = 0  # rows over all decode steps (decoded_rows / decode_steps: the mean batch size)
+    prefill_tokens: int = 0
+    finished: collections.Counter = field(default_factory=collections.Counter)
+    ttft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    itl: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16384))
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=65536))  # (t, tokens)
+    observers: list[Callable[[str, float], None]] = field(default_factory=list)
+
+    def observe(self, kind: str, seconds: float) -> None:
+        (self.ttft if kind == "ttft" else self.itl).append(seconds)
+        for observer in self.observers:
+            observer(kind, seconds)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [n for t, n in list(self.recent) if now - t <= window]
+        return sum(recent) / window
+
+
+class Engine:
+    """Continuous batching over a `Predictor`'s model and processor (see the module docstring).
+
+    `add(request, config, sink)` queues a request (tokenized at once: `Row.prompt_tokens`), `step()` advances
+    everything by one decode step, `busy` says whether anything is left to do.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        *,
+        max_rows: int = 8,
+        prefill_chunk: int = 256,
+        image_cache: ImageFeatureCache | None = None,
+        stats: EngineStats | None = None,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.predictor = predictor
+        self.model = predictor.model
+        self.processor = predictor.processor
+        self.max_rows = max_rows
+        self.prefill_chunk = prefill_chunk
+        self.image_cache = image_cache
+        self.stats = stats or EngineStats()
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vision_dtype = next(self.model.vision.parameters()).dtype
+        self.fingerprint = (
+            model_fingerprint(self.model, self.processor.images, self.dtype) if image_cache else ""
+        )
+        self.eos = list(self.model.llm.eos_token_ids)
+        self.waiting: collections.deque[Row] = collections.deque()
+        self.rows: list[Row] = []  # the decode batch, in RowBatch order
+        self.prefilling: Row | None = None
+        self.batch = self._new_batch()
+
+    def _new_batch(self) -> RowBatch:
+        model = self.model
+        return RowBatch(model._step, model.llm.embed, model.fusion, len(model.llm.layers), self.max_rows)
+
+    # ------------------------------------------------------------------------------------ requests
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows or self.prefilling)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for their prefill (the one being prefilled included)."""
+        return len(self.waiting) + (self.prefilling is not None)
+
+    def prepare(self, request: ChatRequest, config: GenerationConfig | None = None) -> Row:
+        """Tokenize a request (no pixels yet: those are processed when its prefill starts)."""
+        config = request.config or config or GenerationConfig()
+        images = request.images
+        tiles = [self.processor.images.num_tiles(im.size) for im in images]
+        prompt = self.processor.render(request.messages, tiles)
+        ids = self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        layouts = [self.processor.images.layout(im.size) for im in images]
+        return Row(request, config, torch.tensor(ids, dtype=torch.long), layouts)
+
+    def add(self, row: Row, sink: RowSink | None = None) -> Row:
+        """Queue a prepared row; it joins the batch at a coming step."""
+        if sink is not None:
+            row.sink = sink
+        eos = row.config.eos_token_ids or self.eos
+        incremental = row.sink.on_text is not None
+        row.stream = TextStream(
+            self.model.tokenizer,
+            eos,
+            row.config.stop_strings,
+            row.config.max_new_tokens,
+            incremental=incremental,
+        )
+        if row.config.do_sample and row.config.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(row.config.seed)
+        self.stats.prompt_tokens += row.prompt_tokens
+        self.waiting.append(row)
+        return row
+
+    def fail(self, err: Exception) -> None:
+        """Give every row an error and start over with an empty batch (after an unexpected failure)."""
+        rows = [*self.rows, *([self.prefilling] if self.prefilling else []), *self.waiting]
+        self.rows, self.prefilling, self.waiting = [], None, collections.deque()
+        self.batch = self._new_batch()
+        for row in rows:
+            row.sink.on_error(err)
+
+    # ------------------------------------------------------------------------------------ stepping
+    def step(self) -> None:
+        """One scheduling step (see the module docstring)."""
+        self._drop_cancelled()
+        with torch.no_grad(), autocast_context(self.predictor.precision, self.device.type):
+            self._prefill(self.prefill_chunk if self.rows else None)
+            if self.rows:
+                self._decode()
+        if not self.busy:
+            self.batch.release()
+
+    def _drop_cancelled(self) -> None:
+        dead = [i for i, row in enumerate(self.rows) if row.sink.cancelled()]
+        if dead:
+            rows = [self.rows[i] for i in dead]
+            self._remove(dead)
+            for row in rows:
+                self._finish(row, cancelled=True)
+        if self.prefilling is not None and self.prefilling.sink.cancelled():
+            self.batch.discard()
+            row, self.prefilling = self.prefilling, None
+            self._finish(row, cancelled=True)
+        for row in [r for r in self.waiting if r.sink.cancelled()]:
+            self.waiting.remove(row)
+            self._finish(row, cancelled=True)
+
+    def _prefill(self, budget: int | None) -> None:
+        """Prefill waiting rows (first come, first served) within `budget` prompt tokens (None: no limit)."""
+        left = budget if budget is not None else float("inf")
+        while left > 0 and (self.prefilling is not None or (self.waiting and not self.batch.full)):
+            if self.prefilling is None:
+                row = self.waiting.popleft()
+                if row.config.max_new_tokens < 1:  # nothing to generate
+                    self._finish(row)
+                    continue
+                try:
+                    self.batch.begin(self._inputs(row))
+                except Exception as err:
+                    logger.warning("request refused while preparing its inputs: %s", err)
+                    row.sink.on_error(err)
+                    continue
+                self.prefilling = row
+            row = self.prefilling
+            try:
+                with self._gate([row]):
+                    used, logits = self.batch.prefill(int(min(left, 1 << 30)))
+            except Exception as err:
+                logger.exception("prefill failed")
+                self.batch.discard()
+                self.prefilling = None
+                row.sink.on_error(err)
+                continue
+            left -= used
+            self.stats.prefill_tokens += used
+            if logits is None:
+                continue
+            self.prefilling = None
+            token = int(select_rows(logits[None].float(), [row.config], [row.generator])[0])
+            if self._push(row, token):
+                self.batch.discard()
+                self._finish(row)
+            else:
+                self.batch.admit()
+                self.rows.append(row)
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([row.token for row in self.rows], device=self.device)
+        try:
+            with self._gate(self.rows):
+                logits = self.batch.decode(tokens).float()  # [n, V]
+        except Exception as err:  # which row broke it is unknown: every row of the step fails
+            logger.exception("decode step failed for a batch of %d", len(self.rows))
+            rows, self.rows = self.rows, []
+            self.batch = self._new_batch()
+            for row in rows:
+                row.sink.on_error(err)
+            return
+        self.stats.decode_steps += 1
+        self.stats.decoded_rows += len(self.rows)
+        next_tokens = select_rows(logits, [r.config for r in self.rows], [r.generator for r in self.rows])
+        done = [
+            i for i, (row, token) in enumerate(zip(self.rows, next_tokens.tolist())) if self._push(row, token)
+        ]
+        if done:
+            rows = [self.rows[i] for i in done]
+            self._remove(done)
+            for row in rows:
+                self._finish(row)
+
+    def _gate(self, rows: Sequence[Row]) -> Any:
+        """An image-gated LoRA (`lora.gate: image`) acts only on the rows whose request has an image."""
+        with_image = torch.tensor([bool(row.request.images) for row in rows], device=self.device)
+        return self.model.image_rows(with_image)
+
+    def _remove(self, indices: Sequence[int]) -> None:
+        order = self.batch.remove(indices)
+        self.rows = [self.rows[i] for i in order]
+
+    def _push(self, row: Row, token: int) -> bool:
+        """Feed a sampled token to the row's stream; True once the row is done."""
+        now = time.monotonic()
+        if row.last_token_at is None:
+            self.stats.observe("ttft", now - row.arrived)
+            if row.sink.on_first_token is not None:
+                row.sink.on_first_token()
+        else:
+            self.stats.observe("itl", now - row.last_token_at)
+        row.last_token_at = now
+        self.stats.generated_tokens += 1
+        self.stats.recent.append((now, 1))
+        row.token = token
+        delta = row.stream.push(token)
+        if delta and row.sink.on_text is not None:
+            row.sink.on_text(delta)
+        return row.stream.done
+
+    def _finish(self, row: Row, cancelled: bool = False) -> None:
+        stream = row.stream
+        if cancelled:
+            stream.cancel()
+        delta = stream.finish()
+        if delta and row.sink.on_text is not None:
+            row.sink.on_text(delta)
+        reason = stream.finish_reason or "length"
+        self.stats.finished[reason] += 1
+        boxes = self.predictor.boxes(stream.text, row.layouts, row.request.box_image)
+        row.sink.on_done(
+            ChatResult(stream.text, stream.tokens, row.prompt_tokens, len(stream.tokens), reason, boxes)
+        )
+
+    # ------------------------------------------------------------------------------------ inputs
+    def _inputs(self, row: Row) -> Any:
+        """The row's LLM inputs [1, T, D]: text embeddings and its images' visual tokens, merged by the fusion."""
+        ids = row.ids.to(self.device)[None]  # [1, T]
+        visual = self._visual(row.request)  # [tiles, M, D] | None
+        model = self.model
+        is_image = ids == model.image_token_id  # [1, T]
+        n = 0 if visual is None else len(visual)  # tower inputs (AnyRes tiles count one each)
+        check_image_tokens(is_image.sum(dim=1).tolist(), [n], n, model.tokens_per_image(), None)
+        return model.fusion.merge(is_image, model.llm.embed(ids), visual)
+
+    def _visual(self, request: ChatRequest) -> torch.Tensor | None:
+        """Each image's visual tokens, from the cache or the tower + bridge (misses encoded together)."""
+        images = request.images
+        if not images:
+            return None
+        keys = list(request.image_keys or [])
+        if len(keys) != len(images):
+            keys = [pixels_key(im) for im in images] if self.image_cache is not None else [""] * len(images)
+        found: list[torch.Tensor | None] = [None] * len(images)
+        if self.image_cache is not None:
+            found = [self.image_cache.get(f"{self.fingerprint}:{key}") for key in keys]
+        missing = [i for i, vis in enumerate(found) if vis is None]
+        if missing:
+            pixels = [self.processor.pixels(images[i])[0] for i in missing]  # [tiles, 3, S, S] each
+            visual = self.model.encode_images(
+                torch.cat(pixels).to(self.device, self.vision_dtype)
+            )  # [sum, M, D]
+            for i, part in zip(missing, visual.split([p.shape[0] for p in pixels])):
+                found[i] = part
+                if self.image_cache is not None:
+                    self.image_cache.put(f"{self.fingerprint}:{keys[i]}", part)
+        return torch.cat(found)  # type: ignore[arg-type]

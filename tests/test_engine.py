@@ -1,0 +1,322 @@
+"""Continuous batching (infer/engine.py, models/row_batch.py): rows join and leave a running decode batch, each with
+its own sampling settings, for prefix fusion with any bridge and for xattn fusion; chunked prefill; cancellation;
+the image-feature cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vlmkit.config import BridgeConfig, LLMConfig
+from vlmkit.infer.engine import Engine, RowSink
+from vlmkit.infer.generate import ChatRequest, Predictor
+from vlmkit.infer.image_cache import ImageFeatureCache
+from vlmkit.models.fusion.xattn import XAttnFusionConfig
+from vlmkit.models.generation import GenerationConfig
+from vlmkit.models.vlm import VisionLanguageModel
+
+from conftest import random_image, tiny_model_config
+
+ARCHITECTURES = {
+    "mlp": {},
+    "qformer": {"bridge": BridgeConfig.make("qformer", num_queries=4)},
+    "perceiver": {"bridge": BridgeConfig.make("perceiver")},
+    "cross_attn": {"bridge": BridgeConfig.make("cross_attn")},
+    "xattn": {"fusion": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
+}
+
+
+def lively(**parts) -> VisionLanguageModel:
+    """A tiny VLM with a large init range (answers vary with the prompt and the image) and open xattn gates."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}), **parts)
+    model = VisionLanguageModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)  # xattn: images change the answer
+    return model
+
+
+def _ask(text: str, images: int = 0) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}],
+        }
+    ]
+
+
+class Recorder:
+    """A RowSink that records everything, and the engine step of each event."""
+
+    def __init__(self, engine: Engine, stream: bool = True) -> None:
+        self.engine, self.deltas, self.result, self.errors = engine, [], None, []
+        self.first_step: int | None = None  # decode steps done when the first token came
+        self.done_step: int | None = None
+        self.cancel = False
+        self.sink = RowSink(
+            on_text=self.deltas.append if stream else None,
+            on_done=self._done,
+            on_error=self.errors.append,
+            cancelled=lambda: self.cancel,
+            on_first_token=self._first,
+        )
+
+    def _done(self, result) -> None:
+        self.result = result
+        self.done_step = self.engine.stats.decode_steps
+
+    def _first(self) -> None:
+        self.first_step = self.engine.stats.decode_steps
+
+
+def _add(engine: Engine, request: ChatRequest, stream: bool = True) -> Recorder:
+    rec = Recorder(engine, stream)
+    engine.add(engine.prepare(request), rec.sink)
+    return rec
+
+
+def _run(engine: Engine, limit: int = 500) -> None:
+    for _ in range(limit):
+        if not engine.busy:
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish")
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_rows_that_join_a_running_batch_get_their_solo_answers(arch):
+    model = lively(**ARCHITECTURES[arch])
+    predictor = Predictor(model)
+    greedy = GenerationConfig(eos_token_ids=[-1])
+    requests = [
+        ChatRequest(
+            _ask("what is in the picture?", 1),
+            [random_image(1)],
+            dataclasses.replace(greedy, max_new_tokens=24),
+        ),
+        ChatRequest(
+            _ask("hello there, how are you today?"), [], dataclasses.replace(greedy, max_new_tokens=5)
+        ),
+        ChatRequest(
+            _ask("compare the two", 2),
+            [random_image(2, (60, 30)), random_image(3)],
+            dataclasses.replace(greedy, max_new_tokens=7),
+        ),
+    ]
+    solo = [predictor.generate([r])[0] for r in requests]
+    assert len({r.text for r in solo}) == 3  # distinct answers: a row copied from another would show
+
+    engine = Engine(predictor, max_rows=4, prefill_chunk=6)  # prompts take several chunks
+    first = _add(engine, requests[0])
+    for _ in range(4):
+        engine.step()
+    second = _add(engine, requests[1])
+    engine.step()
+    third = _add(engine, requests[2])
+    _run(engine)
+    for rec, expected in zip((first, second, third), solo):
+        assert rec.result.token_ids == expected.token_ids
+        assert rec.result.text == expected.text == "".join(rec.deltas)
+        assert rec.result.finish_reason == "length" and not rec.errors
+    # the later rows joined while the earlier ones were decoding, and decode steps were shared
+    assert first.first_step < second.first_step < first.done_step
+    assert second.first_step <= third.first_step < max(first.done_step, second.done_step)
+    assert engine.stats.decoded_rows > engine.stats.decode_steps  # shared decode steps
+    assert engine.batch.size == 0 and not engine.busy
+
+
+def test_each_row_samples_with_its_own_settings_in_one_batch():
+    model = lively()
+    predictor = Predictor(model)
+    base = GenerationConfig(max_new_tokens=8, eos_token_ids=[-1])
+    configs = [
+        base,  # greedy
+        dataclasses.replace(base, do_sample=True, temperature=1.3, seed=7),
+        dataclasses.replace(
+            base, do_sample=True, temperature=0.9, top_p=0.8, top_k=20, seed=11, max_new_tokens=5
+        ),
+    ]
+    requests = [ChatRequest(_ask(f"tell me story number {i}"), [], c) for i, c in enumerate(configs)]
+    solo = [predictor.generate([r])[0] for r in requests]
+    engine = Engine(predictor, max_rows=3)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert engine.stats.decoded_rows >= 2 * engine.stats.decode_steps  # decoded together
+    for rec, expected in zip(recs, solo):  # the same tokens as alone: per-row settings and random streams
+        assert rec.result.token_ids == expected.token_ids
+    other_seed = _add(
+        engine, dataclasses.replace(requests[1], config=dataclasses.replace(configs[1], seed=8))
+    )
+    _run(engine)
+    assert other_seed.result.token_ids != recs[1].result.token_ids
+
+
+def test_stop_strings_and_budgets_end_rows_while_others_go_on():
+    model = lively()
+    predictor = Predictor(model)
+    free = predictor.chat(_ask("second one"), max_new_tokens=10, eos_token_ids=[-1]).text
+    stop = free[4:6]
+    engine = Engine(predictor, max_rows=4)
+    short = _add(
+        engine, ChatRequest(_ask("first"), [], GenerationConfig(max_new_tokens=2, eos_token_ids=[-1]))
+    )
+    stopped = _add(
+        engine,
+        ChatRequest(
+            _ask("second one"),
+            [],
+            GenerationConfig(max_new_tokens=10, eos_token_ids=[-1], stop_strings=[stop]),
+        ),
+    )
+    long = _add(
+        engine, ChatRequest(_ask("third"), [], GenerationConfig(max_new_tokens=12, eos_token_ids=[-1]))
+    )
+    _run(engine)
+    assert short.result.completion_tokens == 2 and short.result.finish_reason == "length"
+    assert stopped.result.text == free[: free.index(stop)] and stopped.result.finish_reason == "stop"
+    assert "".join(stopped.deltas) == stopped.result.text
+    assert long.result.completion_tokens == 12
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected():
+    model = lively(**ARCHITECTURES["xattn"])
+    predictor = Predictor(model)
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=[-1])
+    keep = ChatRequest(_ask("keep going", 1), [random_image(4)], config)
+    expected = predictor.generate([keep])[0]
+    engine = Engine(predictor, max_rows=4)
+    gone = _add(engine, ChatRequest(_ask("I will leave", 1), [random_image(5)], config))
+    kept = _add(engine, keep)
+    for _ in range(3):
+        engine.step()
+    assert engine.batch.size == 2
+    gone.cancel = True
+    engine.step()
+    assert engine.batch.size == 1 and gone.result.finish_reason == "cancelled"
+    assert len(gone.result.token_ids) < 12
+    _run(engine)
+    assert kept.result.token_ids == expected.token_ids  # the xattn images of the remaining row followed it
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps():
+    model = lively()
+    predictor = Predictor(model)
+    engine = Engine(predictor, max_rows=4, prefill_chunk=8)
+    config = GenerationConfig(max_new_tokens=30, eos_token_ids=[-1])
+    running = [_add(engine, ChatRequest(_ask(f"row {i}"), [], config)) for i in range(2)]
+    engine.step()  # nothing was decoding: both prompts prefilled at once, no budget
+    assert engine.batch.size == 2 and engine.stats.prefill_tokens == sum(
+        len(engine.prepare(ChatRequest(_ask(f"row {i}"), [], config)).ids) for i in range(2)
+    )
+    long_request = ChatRequest(_ask("a long question " * 12), [], config)
+    prompt = len(engine.prepare(long_request).ids)
+    assert prompt > 3 * 8
+    late = _add(engine, long_request)
+    steps = 0
+    while late.first_step is None:
+        before = [len(r.deltas) for r in running]
+        prefilled = engine.stats.prefill_tokens
+        engine.step()
+        steps += 1
+        assert engine.stats.prefill_tokens - prefilled <= 8  # the budget per step
+        # every step still decoded a token for each running row
+        assert engine.stats.decoded_rows >= 2 * (1 + steps)
+        assert all(r.result is None for r in running) and before is not None
+    assert steps == -(-prompt // 8)  # ceil: one chunk per step
+    _run(engine)
+    solo = predictor.generate([long_request])[0]
+    assert late.result.token_ids == solo.token_ids
+
+
+def test_prefill_order_is_first_come_first_served_and_respects_max_rows():
+    model = lively()
+    engine = Engine(Predictor(model), max_rows=2, prefill_chunk=1000)
+    config = GenerationConfig(max_new_tokens=3, eos_token_ids=[-1])
+    recs = [_add(engine, ChatRequest(_ask(f"q{i}"), [], config)) for i in range(4)]
+    engine.step()
+    assert engine.batch.size == 2 and engine.queued == 2  # two wait for a free row
+    assert recs[0].first_step is not None and recs[1].first_step is not None
+    assert recs[2].first_step is None and recs[3].first_step is None
+    _run(engine)
+    assert recs[2].first_step <= recs[3].first_step
+    assert all(r.result.completion_tokens == 3 for r in recs)
+
+
+def test_image_features_are_cached_by_bytes_and_model():
+    model = lively(**ARCHITECTURES["qformer"])
+    predictor = Predictor(model)
+    calls = []
+    model.vision.register_forward_hook(lambda *a: calls.append(1))
+    cache = ImageFeatureCache(max_bytes=2**20)
+    engine = Engine(predictor, image_cache=cache)
+    config = GenerationConfig(max_new_tokens=4, eos_token_ids=[-1])
+    image = random_image(9)
+
+    def ask(key: str, img=image):
+        rec = _add(engine, ChatRequest(_ask("what?", 1), [img], config, image_keys=[key]))
+        _run(engine)
+        return rec.result
+
+    first = ask("abc")
+    assert (cache.hits, cache.misses, len(calls)) == (0, 1, 1)
+    again = ask("abc")
+    assert (cache.hits, cache.misses, len(calls)) == (1, 1, 1)  # no tower call
+    assert (
+        again.token_ids
+        == first.token_ids
+        == predictor.generate([ChatRequest(_ask("what?", 1), [image], config)])[0].token_ids
+    )
+    ask("other", random_image(10))
+    assert cache.misses == 2 and len(cache) == 2
+    # keyed by the model too: another model's engine sharing the cache misses
+    other = Engine(Predictor(lively()), image_cache=cache)
+    rec = _add(other, ChatRequest(_ask("what?", 1), [image], config, image_keys=["abc"]))
+    _run(other)
+    assert cache.misses == 3 and rec.result is not None
+
+
+def test_the_image_cache_is_bounded_least_recently_used_first():
+    cache = ImageFeatureCache(max_bytes=3 * 4 * 100)  # three [1, 10, 10] float32 tensors
+    for key in "abc":
+        cache.put(key, torch.zeros(1, 10, 10))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", torch.zeros(1, 10, 10))
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 3
+    assert cache.evictions == 1 and cache.nbytes == 1200
+    cache.put("huge", torch.zeros(1000))  # larger than the cache: not kept, nothing evicted
+    assert "huge" not in cache._items and len(cache) == 3
+    off = ImageFeatureCache(0)
+    off.put("a", torch.zeros(1))
+    assert off.get("a") is None
+
+
+def test_prepacked_linears_compute_what_the_plain_ones_do():
+    from vlmkit.infer.prepack import PackedLinear, available, prepack_linears
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively(**ARCHITECTURES["xattn"])
+    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    expected = Predictor(model).generate(requests)[0].token_ids
+    keys = set(model.state_dict())
+    batch = Predictor(model).prepare(requests)[0]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert prepack_linears(model) > 0
+    assert any(isinstance(m, PackedLinear) for m in model.llm.modules())
+    assert any(isinstance(m, PackedLinear) for m in model.fusion.modules())  # xattn blocks too
+    assert set(model.state_dict()) == keys  # same weights, same names: saving is unchanged
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, logits, atol=1e-4)
+    assert Predictor(model).generate(requests)[0].token_ids == expected
+    engine = Engine(Predictor(model))
+    rec = _add(engine, requests[0])
+    _run(engine)
+    assert rec.result.token_ids == expected
+    bf16 = lively().to(torch.bfloat16)
+    prepack_linears(bf16)
+    assert Predictor(bf16).generate(requests)[0].completion_tokens == 6

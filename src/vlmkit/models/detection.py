@@ -62,8 +62,15 @@ class DetectionHead(nn.Module):
         self.dense = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, sum(self.sizes) + 4))
 
     def logits(self, features: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """features [B, N, D] -> (per group logits [B, N, 1 + n_g], box logits [B, N, 4])."""
-        out = self.dense(features)
+        """features [B, N, D] -> (per group logits [B, N, 1 + n_g], box logits [B, N, 4]), computed in fp32
+        whatever the model's dtype or autocast: thresholds, IoU grouping and box digits are discrete decisions,
+        and bf16 logits (8 mantissa bits) flip them where fp32 would not."""
+        norm, linear = self.dense
+        with torch.autocast(features.device.type, enabled=False):
+            x = nn.functional.layer_norm(
+                features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+            )
+            out = nn.functional.linear(x, linear.weight.float(), linear.bias.float())
         return list(out[..., :-4].split(self.sizes, dim=-1)), out[..., -4:]
 
     def forward(self, features: torch.Tensor) -> Detections:

@@ -320,3 +320,42 @@ def test_prepacked_linears_compute_what_the_plain_ones_do():
     bf16 = lively().to(torch.bfloat16)
     prepack_linears(bf16)
     assert Predictor(bf16).generate(requests)[0].completion_tokens == 6
+
+
+def test_fused_projections_compute_what_the_separate_ones_do():
+    from vlmkit.infer.prepack import FusedProjection, available, fuse_projections, prepack_linears
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively()
+    requests = [
+        ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6)),
+        ChatRequest(
+            _ask("and this one, in detail?", 1), [random_image(2)], GenerationConfig(max_new_tokens=9)
+        ),
+    ]
+    expected = [r.token_ids for r in Predictor(model).generate(requests)]
+    keys = set(model.state_dict())
+    batch = Predictor(model).prepare(requests[:1])[0]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    layers = len(model.llm.layers)
+    assert fuse_projections(model) == 2 * layers  # q/k/v and gate/up of every decoder layer
+    prepack_linears(model)
+    attn = model.llm.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedProjection) for n in ("q_proj", "k_proj", "v_proj"))
+    assert set(model.state_dict()) == keys  # the projections keep their own weights: saving is unchanged
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, logits, atol=1e-4)
+        x = torch.randn(3, model.llm.hidden_size)
+        mlp = model.llm.layers[0].mlp
+        # a part asked twice for one input, or for another input, computes again: never a stale output
+        assert torch.allclose(mlp.gate_proj(x), x @ mlp.gate_proj.weight.T, atol=1e-5)
+        assert torch.allclose(mlp.gate_proj(x), x @ mlp.gate_proj.weight.T, atol=1e-5)
+        y = torch.randn(3, model.llm.hidden_size)
+        assert torch.allclose(mlp.up_proj(y), y @ mlp.up_proj.weight.T, atol=1e-5)
+    assert [r.token_ids for r in Predictor(model).generate(requests)] == expected
+    engine = Engine(Predictor(model), max_rows=2)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert [rec.result.token_ids for rec in recs] == expected

@@ -359,3 +359,37 @@ def test_fused_projections_compute_what_the_separate_ones_do():
     recs = [_add(engine, r) for r in requests]
     _run(engine)
     assert [rec.result.token_ids for rec in recs] == expected
+
+
+def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
+    model = lively()
+    predictor = Predictor(model)
+    calls = []
+    model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    greedy = GenerationConfig(max_new_tokens=5, eos_token_ids=[-1])
+    requests = [
+        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], greedy),
+        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], greedy),
+        ChatRequest(_ask("hello there"), [], greedy),
+        ChatRequest(_ask("and this one?", 1), [random_image(4)], greedy),
+    ]
+    solo = [predictor.generate([r])[0].token_ids for r in requests]
+    calls.clear()
+    engine = Engine(predictor, max_rows=3, image_cache=ImageFeatureCache(2**20))
+    recs = [_add(engine, r) for r in requests]
+    engine.step()
+    assert calls == [3]  # the three rows with room started together: their 3 images in one call
+    _run(engine)
+    assert calls == [3, 1]  # the fourth waited for a free row
+    assert [rec.result.token_ids for rec in recs] == solo
+
+    # a bad image among them: the batched call fails, each row meets its own error, the others are answered
+    class NotAnImage:  # has a size (the prompt is built), has no pixels (the tower's input fails)
+        size = (32, 32)
+
+    engine = Engine(predictor, max_rows=4)
+    ok = _add(engine, requests[0])
+    bad = _add(engine, ChatRequest(_ask("what?", 1), [NotAnImage()], greedy))
+    _run(engine)
+    assert ok.result.token_ids == solo[0] and not ok.errors
+    assert len(bad.errors) == 1 and bad.result is None

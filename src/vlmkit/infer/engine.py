@@ -103,7 +103,9 @@ class Engine:
         prefill_chunk: int = 256,
         image_cache: ImageFeatureCache | None = None,
         stats: EngineStats | None = None,
+        encode_ahead: bool = True,
     ) -> None:
+        """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.predictor = predictor
@@ -111,6 +113,7 @@ class Engine:
         self.processor = predictor.processor
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
+        self.encode_ahead = encode_ahead
         self.image_cache = image_cache
         self.stats = stats or EngineStats()
         param = next(self.model.parameters())
@@ -205,7 +208,8 @@ class Engine:
     def _prefill(self, budget: int | None) -> None:
         """Prefill waiting rows (first come, first served) within `budget` prompt tokens (None: no limit)."""
         left = budget if budget is not None else float("inf")
-        self._encode_ahead(left)
+        if self.encode_ahead:
+            self._encode_ahead(left)
         while left > 0 and (self.prefilling is not None or (self.waiting and not self.batch.full)):
             if self.prefilling is None:
                 row = self.waiting.popleft()

@@ -400,3 +400,24 @@ def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
     _run(engine)
     assert ok.result.token_ids == solo[0] and not ok.errors
     assert len(bad.errors) == 1 and bad.result is None
+
+
+def test_build_predictor_fuses_the_llm_projections_when_it_prepacks(tmp_path):
+    from vlmkit.infer.prepack import FusedProjection, available
+    from vlmkit.infer.server import build_predictor
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively()
+    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    expected = Predictor(model).generate(requests)[0].token_ids
+    model.save_pretrained(tmp_path / "model")
+
+    def fused(module) -> int:
+        return sum(isinstance(m, FusedProjection) for m in module.modules())
+
+    served = build_predictor(tmp_path / "model", prepack=True)
+    assert fused(served.model.llm) == 5 * len(served.model.llm.layers)  # q, k, v, gate, up
+    assert fused(served.model) == fused(served.model.llm)  # the tower and bridge are left alone
+    assert served.generate(requests)[0].token_ids == expected
+    assert fused(build_predictor(tmp_path / "model", prepack=True, fuse=False).model) == 0

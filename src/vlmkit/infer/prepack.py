@@ -72,15 +72,15 @@ def prepack_linears(model: nn.Module) -> int:
 
 
 class _FusedGroup:
-    """One packed linear over several projections' concatenated weights; computed once per input tensor."""
+    """One packed linear over several projections' concatenated weights; computed once per input tensor (a part
+    called with another tensor than the others, as in cross-attention, computes again: correct, only slower)."""
 
     def __init__(self, linears: list[nn.Linear]) -> None:
         weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.sizes = [lin.out_features for lin in linears]
-        self.input: torch.Tensor | None = (
-            None  # the input of the output held (strongly: its id cannot be reused)
-        )
+        # the input whose output is held (a strong reference: its id cannot be reused while held)
+        self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self.unread: set[int] = set()
 

@@ -373,14 +373,14 @@ def build_predictor(
 ) -> Predictor:
     """Load a saved vlmkit model in `dtype` (`auto`, `bf16`, `fp32`: see `serving_dtype`) on `device` (`auto`: CUDA
     when available), optionally with its linears prepacked for oneDNN (CPU; `infer/prepack.py`), and wrap it for
-    serving (kwargs go to `Predictor`). With `prepack`, `fuse` also makes each decoder layer's q/k/v and gate/up
-    projections one packed linear each (`fuse_projections`)."""
+    serving (kwargs go to `Predictor`). With `prepack`, `fuse` also makes each LLM decoder layer's q/k/v and
+    gate/up projections one packed linear each (`fuse_projections`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VisionLanguageModel.from_pretrained(model_dir)
     model = model.to(device=device, dtype=serving_dtype(dtype, device))
     if prepack and device == "cpu":
-        fused = fuse_projections(model) if fuse else 0  # first: no packed copy of a fused weight is made
+        fused = fuse_projections(model.llm) if fuse else 0  # first: no packed copy of a fused weight is made
         logger.info("prepacked %d linear layers (+%d fused groups) for oneDNN", prepack_linears(model), fused)
     return Predictor(model, **kwargs)
 

@@ -246,16 +246,17 @@ class Engine:
                 self.rows.append(row)
 
     def _encode_ahead(self, budget: float) -> None:
-        """Encode the images of the waiting rows whose prefill starts in this step (as far as free rows and the
-        token budget go, and at most `prefill_chunk` prompt tokens' worth of rows: a burst of requests is encoded
-        in groups, so the first rows' first tokens do not wait for every tower) in one tower call instead of one
-        call per row. A failure leaves it to each row."""
+        """Encode the images of the waiting rows whose whole prompt is prefilled in this step (as far as free rows
+        and the token budget go, and at most `prefill_chunk` prompt tokens' worth of rows: a burst of requests is
+        encoded in groups, so the first rows' first tokens do not wait for every tower, and a step never does more
+        tower work than one row at a time would) in one tower call instead of one call per row. A failure leaves
+        it to each row."""
         budget = min(budget, self.prefill_chunk)
         free = self.max_rows - self.batch.size - (self.prefilling is not None)
         tokens = 0 if self.prefilling is None else self.prefilling.prompt_tokens
         starting: list[Row] = []
         for row in self.waiting:
-            if len(starting) >= free or tokens >= budget:
+            if len(starting) >= free or tokens + row.prompt_tokens > budget:
                 break
             starting.append(row)
             tokens += row.prompt_tokens

@@ -4,7 +4,8 @@
 Two variants alternate (A B, B A, ...) so that a loaded machine affects both alike:
   before: linears prepacked one by one, each row's images encoded when its prefill starts;
   after:  q/k/v and gate/up fused into one packed linear each (`fuse_projections`), and the images of the rows
-          starting together encoded in one tower call (`Engine(encode_ahead=True)`).
+          prefilled together in a step encoded in one tower call, in groups of at most `prefill_chunk` prompt
+          tokens (`Engine(encode_ahead=True)`).
 
 Printed per variant (best of the rounds): the prefill of 8 new rows (all arriving at once, nothing decoding) split
 into image preprocessing, tower + bridge, LLM prefill and the rest, the median time to each row's first token, and

@@ -320,3 +320,104 @@ def test_prepacked_linears_compute_what_the_plain_ones_do():
     bf16 = lively().to(torch.bfloat16)
     prepack_linears(bf16)
     assert Predictor(bf16).generate(requests)[0].completion_tokens == 6
+
+
+def test_fused_projections_compute_what_the_separate_ones_do():
+    from vlmkit.infer.prepack import FusedProjection, available, fuse_projections, prepack_linears
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively()
+    requests = [
+        ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6)),
+        ChatRequest(
+            _ask("and this one, in detail?", 1), [random_image(2)], GenerationConfig(max_new_tokens=9)
+        ),
+    ]
+    expected = [r.token_ids for r in Predictor(model).generate(requests)]
+    keys = set(model.state_dict())
+    batch = Predictor(model).prepare(requests[:1])[0]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    layers = len(model.llm.layers)
+    assert fuse_projections(model) == 2 * layers  # q/k/v and gate/up of every decoder layer
+    prepack_linears(model)
+    attn = model.llm.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedProjection) for n in ("q_proj", "k_proj", "v_proj"))
+    assert set(model.state_dict()) == keys  # the projections keep their own weights: saving is unchanged
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, logits, atol=1e-4)
+        x = torch.randn(3, model.llm.hidden_size)
+        mlp = model.llm.layers[0].mlp
+        # a part asked twice for one input, or for another input, computes again: never a stale output
+        assert torch.allclose(mlp.gate_proj(x), x @ mlp.gate_proj.weight.T, atol=1e-5)
+        assert torch.allclose(mlp.gate_proj(x), x @ mlp.gate_proj.weight.T, atol=1e-5)
+        y = torch.randn(3, model.llm.hidden_size)
+        assert torch.allclose(mlp.up_proj(y), y @ mlp.up_proj.weight.T, atol=1e-5)
+    assert [r.token_ids for r in Predictor(model).generate(requests)] == expected
+    engine = Engine(Predictor(model), max_rows=2)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert [rec.result.token_ids for rec in recs] == expected
+
+
+def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
+    model = lively()
+    predictor = Predictor(model)
+    calls = []
+    model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    greedy = GenerationConfig(max_new_tokens=5, eos_token_ids=[-1])
+    requests = [
+        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], greedy),
+        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], greedy),
+        ChatRequest(_ask("hello there"), [], greedy),
+        ChatRequest(_ask("and this one?", 1), [random_image(4)], greedy),
+    ]
+    solo = [predictor.generate([r])[0].token_ids for r in requests]
+    calls.clear()
+    engine = Engine(predictor, max_rows=3, image_cache=ImageFeatureCache(2**20))
+    recs = [_add(engine, r) for r in requests]
+    engine.step()
+    assert calls == [3]  # the three rows with room started together: their 3 images in one call
+    _run(engine)
+    assert calls == [3, 1]  # the fourth waited for a free row
+    assert [rec.result.token_ids for rec in recs] == solo
+    # groups hold at most `prefill_chunk` prompt tokens: with room for one prompt, one tower call per row
+    calls.clear()
+    engine = Engine(predictor, max_rows=3, prefill_chunk=engine.prepare(requests[0]).prompt_tokens)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert calls == [1, 2, 1]
+    assert [rec.result.token_ids for rec in recs] == solo
+
+    # a bad image among them: the batched call fails, each row meets its own error, the others are answered
+    class NotAnImage:  # has a size (the prompt is built), has no pixels (the tower's input fails)
+        size = (32, 32)
+
+    engine = Engine(predictor, max_rows=4)
+    ok = _add(engine, requests[0])
+    bad = _add(engine, ChatRequest(_ask("what?", 1), [NotAnImage()], greedy))
+    _run(engine)
+    assert ok.result.token_ids == solo[0] and not ok.errors
+    assert len(bad.errors) == 1 and bad.result is None
+
+
+def test_build_predictor_fuses_the_llm_projections_when_it_prepacks(tmp_path):
+    from vlmkit.infer.prepack import FusedProjection, available
+    from vlmkit.infer.server import build_predictor
+
+    if not available():
+        pytest.skip("PyTorch without oneDNN")
+    model = lively()
+    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    expected = Predictor(model).generate(requests)[0].token_ids
+    model.save_pretrained(tmp_path / "model")
+
+    def fused(module) -> int:
+        return sum(isinstance(m, FusedProjection) for m in module.modules())
+
+    served = build_predictor(tmp_path / "model", prepack=True)
+    assert fused(served.model.llm) == 5 * len(served.model.llm.layers)  # q, k, v, gate, up
+    assert fused(served.model) == fused(served.model.llm)  # the tower and bridge are left alone
+    assert served.generate(requests)[0].token_ids == expected
+    assert fused(build_predictor(tmp_path / "model", prepack=True, fuse=False).model) == 0

@@ -32,7 +32,7 @@ from vlmkit.infer.health import health_problems
 from vlmkit.infer.image_cache import ImageFeatureCache, bytes_key
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
 from vlmkit.infer.metrics import CONTENT_TYPE, ServerMetrics
-from vlmkit.infer.prepack import prepack_linears
+from vlmkit.infer.prepack import fuse_projections, prepack_linears
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
@@ -363,17 +363,25 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def build_predictor(
-    model_dir: str | Path, *, dtype: str = "fp32", device: str = "cpu", prepack: bool = False, **kwargs: Any
+    model_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    prepack: bool = False,
+    fuse: bool = True,
+    **kwargs: Any,
 ) -> Predictor:
     """Load a saved vlmkit model in `dtype` (`auto`, `bf16`, `fp32`: see `serving_dtype`) on `device` (`auto`: CUDA
     when available), optionally with its linears prepacked for oneDNN (CPU; `infer/prepack.py`), and wrap it for
-    serving (kwargs go to `Predictor`)."""
+    serving (kwargs go to `Predictor`). With `prepack`, `fuse` also makes each LLM decoder layer's q/k/v and
+    gate/up projections one packed linear each (`fuse_projections`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VisionLanguageModel.from_pretrained(model_dir)
     model = model.to(device=device, dtype=serving_dtype(dtype, device))
     if prepack and device == "cpu":
-        logger.info("prepacked %d linear layers for oneDNN", prepack_linears(model))
+        fused = fuse_projections(model.llm) if fuse else 0  # first: no packed copy of a fused weight is made
+        logger.info("prepacked %d linear layers (+%d fused groups) for oneDNN", prepack_linears(model), fused)
     return Predictor(model, **kwargs)
 
 

@@ -136,14 +136,14 @@ def test_unknown_gate_and_gated_qlora_are_refused():
 
 
 def test_served_rows_get_the_adapter_only_with_an_image():
-    """The server's engine (continuous batching, its own rows, prepacked linears on CPU) gates per row: in one
+    """The server's engine (continuous batching, its own rows, fused and prepacked linears on CPU) gates per row: in one
     decode batch a text-only request gets the base model's answer and an image request the adapted model's."""
     import dataclasses
 
     from vlmkit.config import LLMConfig
     from vlmkit.infer.engine import Engine, RowSink
     from vlmkit.infer.generate import ChatRequest, Predictor
-    from vlmkit.infer.prepack import prepack_linears
+    from vlmkit.infer.prepack import fuse_projections, prepack_linears
     from vlmkit.models.generation import GenerationConfig
 
     def ask(text, images=0):
@@ -171,8 +171,9 @@ def test_served_rows_get_the_adapter_only_with_an_image():
     apply_stage(model, StageConfig(name="instruct", preset="instruct", lora=GATED))
     _perturb_lora(model)
     model.eval()
-    for m in (base, model):
-        prepack_linears(m)  # what `vlmkit serve` does on CPU: the LoRA branches (and their gate) stay
+    for m in (base, model):  # what `vlmkit serve` does on CPU: the LoRA branches (and their gate) stay
+        fuse_projections(m)
+        prepack_linears(m)
     want = {
         "image": Predictor(model).generate([image])[0].text,
         "text": Predictor(base).generate([text])[0].text,

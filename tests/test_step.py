@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,26 @@ def test_undo_restores_dtypes_attention_and_ties(lora_vlm):
     assert model.llm.lm_head.weight is model.llm.embeddings.weight  # still tied
     for name, param in model.named_parameters():
         assert param.dtype == torch.float32, name
-        # the values the stage trained with: bf16-rounded where stored in bf16 (the LLM's frozen weights)
-        stored_bf16 = name.startswith("llm.") and not param.requires_grad
-        rounded = before[name].bfloat16().float() if stored_bf16 else before[name]
-        assert torch.equal(param, rounded), name
+        # the frozen weights' own values come back, not bf16-rounded ones: a saved model keeps its base LLM
+        assert torch.equal(param, before[name]), name
+    assert done.spill is None  # the originals' temporary file is gone
+
+
+def test_frozen_originals_wait_on_disk_not_in_memory(lora_vlm, tmp_path, monkeypatch):
+    """The fp32 originals of the weights stored in bf16 wait in a temporary file while the stage trains (no
+    second copy in memory), and a stage that ends with an error leaves no file behind."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        model = copy.deepcopy(lora_vlm)
+        done = speed_up(model, TrainConfig(precision="bf16", frozen_bf16="all"), CPU)
+        assert done.spill is not None and done.spill.parent == tmp_path and done.spill.stat().st_size > 0
+        frozen = sum(p.numel() for p, _ in done.bf16)
+        assert done.spill.stat().st_size >= 4 * frozen  # fp32 bytes of every weight now stored in bf16
+        done.discard()
+        assert not list(tmp_path.iterdir())
+    finally:
+        tempfile.tempdir = None
 
 
 def test_no_bf16_storage_without_bf16_autocast(lora_vlm):

@@ -40,27 +40,31 @@ def autocast_context(precision: str, device: str | None = None):
     return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
 
 
-def frozen_to_bf16(
+def frozen_params(
     module: nn.Module, linear_only: bool = True, skip: set[int] = frozenset()
 ) -> list[tuple[nn.Parameter, torch.dtype]]:
-    """Store `module`'s frozen floating-point parameters in bf16, in place (the same Parameter objects);
-    returns (parameter, previous dtype) pairs to restore them.
+    """`module`'s frozen floating-point parameters not yet in bf16, with their dtype: what `to_bf16` stores in
+    bf16 for training under bf16 autocast.
 
-    For training under bf16 autocast. `linear_only`: only the weights and biases of `nn.Linear` layers, which
-    autocast casts to bf16 at every use anyway, so the step computes exactly what it computed with fp32
-    storage, without a cast of every weight in every forward and without those copies kept for backward.
-    Otherwise every frozen parameter (embeddings, norms): the hidden states then stay in bf16 as well, as in a
-    model loaded in bf16. `skip`: ids of parameters to leave (e.g. an embedding table tied to the LM head).
-    """
+    `linear_only`: only the weights and biases of `nn.Linear` layers, which autocast casts to bf16 at every use
+    anyway, so the step computes exactly what it computed with fp32 storage, without a cast of every weight in
+    every forward and without those copies kept for backward. Otherwise every frozen parameter (embeddings,
+    norms): the hidden states then stay in bf16 as well, as in a model loaded in bf16. `skip`: ids of
+    parameters to leave (e.g. an embedding table tied to the LM head)."""
     layers = [m for m in module.modules() if isinstance(m, nn.Linear)] if linear_only else [module]
     seen: set[int] = set(skip)
-    changed = []
+    found = []
     for layer in layers:
         for param in layer.parameters(recurse=not linear_only):
             if id(param) in seen or param.requires_grad or not param.is_floating_point():
                 continue
             seen.add(id(param))
             if param.dtype != torch.bfloat16:
-                changed.append((param, param.dtype))
-                param.data = param.data.to(torch.bfloat16)
-    return changed
+                found.append((param, param.dtype))
+    return found
+
+
+def to_bf16(params: list[tuple[nn.Parameter, torch.dtype]]) -> None:
+    """Store each parameter in bf16, in place (the same Parameter objects)."""
+    for param, _ in params:
+        param.data = param.data.to(torch.bfloat16)

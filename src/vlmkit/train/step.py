@@ -3,12 +3,18 @@ decoder layers, the AdamW implementation (measurements: docs/training.md, "Where
 
 from __future__ import annotations
 
+import os
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.profiler import record_function
 
@@ -16,7 +22,7 @@ from vlmkit.config import TrainConfig
 from vlmkit.data.collate import Batch
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
-from vlmkit.precision import frozen_to_bf16, resolve_precision
+from vlmkit.precision import frozen_params, resolve_precision, to_bf16
 
 log = get_logger(__name__)
 
@@ -43,6 +49,7 @@ class StepSpeedup:
     bf16: list[tuple[nn.Parameter, torch.dtype]] = field(default_factory=list)
     compiled: list[nn.Module] = field(default_factory=list)
     uncast: list[nn.Module] = field(default_factory=list)  # LoRA layers that no longer cast their input
+    spill: Path | None = None  # the bf16-stored weights' original values, in a temporary safetensors file
 
     def describe(self) -> str:
         parts = []
@@ -74,10 +81,34 @@ class StepSpeedup:
         finally:
             self.recast()
 
+    def keep_originals(self) -> None:
+        """Write the original values of the parameters about to be stored in bf16 to a temporary file (not a
+        second copy in memory), for `undo` to put back exactly."""
+        if not self.bf16:
+            return
+        handle, name = tempfile.mkstemp(prefix="vlmkit-frozen-", suffix=".safetensors")
+        os.close(handle)
+        self.spill = Path(name)
+        weakref.finalize(self, self.spill.unlink, True)  # gone at exit even if the stage fails
+        tensors = {str(i): param.data.contiguous() for i, (param, _) in enumerate(self.bf16)}
+        save_file(tensors, str(self.spill))
+
+    def discard(self) -> None:
+        """Remove the originals' temporary file (the stage ended without `undo`, e.g. with an error)."""
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
+            self.spill = None
+
     def undo(self) -> None:
-        """Restore the dtypes (values stay bf16-rounded: what the stage trained with), the attention kernel,
-        and plain (uncompiled) layers."""
-        self.restore_dtypes()
+        """Restore the frozen weights' original values and dtypes (not bf16-rounded ones: a saved model keeps
+        its base weights as loaded), the attention kernel, and plain (uncompiled) layers."""
+        if self.spill is not None:
+            with safe_open(str(self.spill), framework="pt") as originals:
+                for i, (param, _) in enumerate(self.bf16):
+                    param.data = originals.get_tensor(str(i))
+            self.discard()
+        else:
+            self.restore_dtypes()
         self.bf16 = []
         if self.attention:
             self.model.llm.set_attention(self.attention[0])
@@ -106,7 +137,9 @@ def speed_up(model: Any, cfg: TrainConfig, device: torch.device, sharded: bool =
     if cfg.frozen_bf16 != "none" and bf16_autocast and not sharded:
         linear = cfg.frozen_bf16 == "linear"  # an LM head tied to the embeddings stays with them (fp32)
         skip = {id(model.llm.embeddings.weight)} if linear else set()
-        done.bf16 = frozen_to_bf16(model.llm, linear_only=linear, skip=skip)
+        done.bf16 = frozen_params(model.llm, linear_only=linear, skip=skip)
+        done.keep_originals()
+        to_bf16(done.bf16)
     if bf16_autocast:  # peft casts a LoRA layer's input to its fp32 weights' dtype, autocast casts it back
         for layer in model.llm.modules():
             if getattr(layer, "cast_input_dtype_enabled", False):  # peft's switch for that cast

@@ -460,7 +460,7 @@ class Trainer:
         kill_point("stage_validated")
         del wrapped, optimizer
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
-        speedup.undo()  # frozen weights in their own dtype again (bf16-rounded values), plain layers
+        speedup.undo()  # frozen weights back to their own values and dtype, plain layers
         merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
@@ -9,10 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlmkit.config import RecipeConfig, load_config
+from vlmkit.infer.generate import ChatRequest, Predictor
 from vlmkit.log import get_logger
-from vlmkit.memory import peak_rss_gib
+from vlmkit.memory import peak_rss_gib, release_free_memory
+from vlmkit.models.generation import GenerationConfig
+from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.shapesworld.scoring import evaluate_shapesworld
+from vlmkit.train.data import prepare_data
 from vlmkit.train.metrics import plot_learning_curves
+from vlmkit.train.trainer import Trainer, seed_everything
 
 log = get_logger(__name__)
 
@@ -60,9 +69,6 @@ def ask_text(
     model: Any, questions: Sequence[str], max_new_tokens: int = 40, precision: str = "fp32"
 ) -> list[str]:
     """Greedy answers of the model to text-only questions (its chat template and saved system prompt)."""
-    from vlmkit.infer.generate import ChatRequest, Predictor
-    from vlmkit.models.generation import GenerationConfig
-
     predictor = Predictor(model, precision=precision)
     requests = [ChatRequest([{"role": "user", "content": q}]) for q in questions]
     results = predictor.generate(requests, GenerationConfig(max_new_tokens=max_new_tokens))
@@ -89,13 +95,6 @@ def run_quickstart(
     """Data → tower pretraining → instruct → test-split evaluation → report. Returns the results.
 
     `seed` sets the data, tower-pretraining and training seeds at once (before `overrides`)."""
-    import torch
-
-    from vlmkit.models.vlm import VisionLanguageModel
-    from vlmkit.shapesworld.scoring import evaluate_shapesworld
-    from vlmkit.train.data import prepare_data
-    from vlmkit.train.trainer import Trainer, seed_everything
-
     start = time.perf_counter()
     out = Path(out_dir)
     overrides = [*(seed_overrides(seed) if seed is not None else []), *overrides]
@@ -114,11 +113,10 @@ def run_quickstart(
         before_path.write_text(json.dumps(before, indent=1))
     final_dir = Trainer(recipe, out, resume=resume, model=model).run()
     del model
-
+    gc.collect()  # the trained model (held in reference cycles) before the saved one is loaded:
+    release_free_memory()  # not two models at once at the run's peak memory
     final = VisionLanguageModel.from_pretrained(final_dir)
     torch.manual_seed(recipe.train.seed)
-    from vlmkit.infer.generate import Predictor
-
     precision = recipe.train.precision
     metrics = evaluate_shapesworld(
         Predictor(final, precision=precision),

@@ -45,6 +45,16 @@ REMOTE_IMAGE = "remote_image"  # an http(s) image ref: never downloaded
 _WORDS = re.compile(r"\w+|[^\w\s]+")
 
 
+def usable_record(index: int, item: dict[str, Any] | Exception) -> dict[str, Any]:
+    """A record from `read_records`, or the `SampleError` that says why that record cannot be used (a line
+    that is not JSON becomes `malformed_json` naming its line)."""
+    if isinstance(item, SampleError):
+        raise item
+    if isinstance(item, Exception):
+        raise SampleError(MALFORMED_JSON, f"not valid JSON ({item})", sample_id=f"line {index + 1}")
+    return item
+
+
 # ------------------------------------------------------------------------------------------------ report
 class DataQualityError(DataError):
     """Too large a share of a data file was rejected (see `DataReport.check`)."""
@@ -161,12 +171,9 @@ def read_samples(
     samples: list[Sample] = []
     for index, item in read_records(path):
         try:
-            if isinstance(item, SampleError):
-                raise item
-            if isinstance(item, Exception):
-                raise SampleError(MALFORMED_JSON, f"not valid JSON ({item})", sample_id=f"line {index + 1}")
+            record = usable_record(index, item)
             samples.append(
-                parse_record(item, fmt, index=index, caption_instructions=caption_instructions, seed=seed)
+                parse_record(record, fmt, index=index, caption_instructions=caption_instructions, seed=seed)
             )
         except SampleError as err:
             report.reject(err.reason, err.sample_id if err.sample_id is not None else str(index), str(err))

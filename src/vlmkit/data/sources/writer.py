@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmkit.data.dataset import MALFORMED_JSON, DataReport, image_source
+from vlmkit.data.dataset import DataReport, image_source, usable_record
 from vlmkit.data.formats import SampleError, parse_record, read_records
 from vlmkit.data.images import ImageError
 from vlmkit.data.sources.shards import IMAGE_EXTENSIONS, INDEX_NAME, Shard, need, write_index
@@ -151,11 +151,7 @@ def write_shards(
 
     for index, item in read_records(path):
         try:
-            if isinstance(item, SampleError):
-                raise item
-            if isinstance(item, Exception):
-                raise SampleError(MALFORMED_JSON, f"not valid JSON ({item})", sample_id=f"line {index + 1}")
-            sample = parse_record(item, fmt, index=index)
+            sample = parse_record(usable_record(index, item), fmt, index=index)
             images = [(ref, _image_bytes(ref, root)) for ref in dict.fromkeys(sample.images)]
         except (SampleError, ImageError) as err:
             sample_id = getattr(err, "sample_id", None) or (

@@ -51,3 +51,21 @@ def test_heap_releaser_keeps_the_working_set_and_releases_growth_past_it():
     assert before - _rss_bytes() > 200 * 2**20
     assert releaser.releases == 1 and pin
     assert releaser.step_done() is False  # measuring the working set again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim, /proc")
+def test_heap_releaser_restart_hands_back_what_work_between_steps_left():
+    """Validation or a checkpoint between steps grows the heap less than the margin: `step_done` would keep it,
+    `restart` hands it back and measures the working set anew."""
+    releaser = HeapReleaser(margin_bytes=1024 * 2**20, settle_steps=1)
+    step = _heap_blocks(50)
+    del step
+    assert releaser.step_done() is False
+    extra = _heap_blocks(300)  # e.g. generation during validation, freed afterwards
+    pin = extra[-1]
+    del extra
+    assert releaser.step_done() is False  # under the margin: kept
+    before = _rss_bytes()
+    assert releaser.restart() is True
+    assert before - _rss_bytes() > 150 * 2**20 and pin
+    assert releaser.working_set == 0 and releaser.settled == 0

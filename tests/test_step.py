@@ -125,9 +125,9 @@ def test_frozen_originals_wait_on_disk_not_in_memory(lora_vlm, tmp_path, monkeyp
     try:
         model = copy.deepcopy(lora_vlm)
         done = speed_up(model, TrainConfig(precision="bf16", frozen_bf16="all"), CPU)
-        assert done.spill is not None and done.spill.parent == tmp_path and done.spill.stat().st_size > 0
+        assert done.spill is not None and done.spill.parent == tmp_path
         frozen = sum(p.numel() for p, _ in done.bf16)
-        assert done.spill.stat().st_size >= 4 * frozen  # fp32 bytes of every weight now stored in bf16
+        assert done.spill.stat().st_size == 4 * frozen  # fp32 bytes of every weight now stored in bf16
         done.discard()
         assert not list(tmp_path.iterdir())
     finally:

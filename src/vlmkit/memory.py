@@ -63,10 +63,16 @@ class HeapReleaser:
     SmolLM2 step: 100 million page faults and a quarter of the quickstart's time in the kernel).
     """
 
-    def __init__(self, margin_bytes: int = 256 * 2**20, settle_steps: int = 8) -> None:
+    def __init__(self, margin_bytes: int = 128 * 2**20, settle_steps: int = 8) -> None:
         self.margin, self.settle_steps = int(margin_bytes), int(settle_steps)
         self.working_set, self.settled = 0, 0
         self.releases = 0
+
+    def restart(self) -> bool:
+        """Release now and measure the working set again: after work between steps (validation, generation,
+        a checkpoint) whose memory the steps do not need."""
+        self.working_set, self.settled = 0, 0
+        return release_free_memory()
 
     def step_done(self) -> bool:
         """True when this call released memory."""

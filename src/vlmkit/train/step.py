@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.profiler import record_function
 
@@ -49,7 +47,7 @@ class StepSpeedup:
     bf16: list[tuple[nn.Parameter, torch.dtype]] = field(default_factory=list)
     compiled: list[nn.Module] = field(default_factory=list)
     uncast: list[nn.Module] = field(default_factory=list)  # LoRA layers that no longer cast their input
-    spill: Path | None = None  # the bf16-stored weights' original values, in a temporary safetensors file
+    spill: Path | None = None  # the bf16-stored weights' original values (raw bytes), in a temporary file
 
     def describe(self) -> str:
         parts = []
@@ -83,15 +81,17 @@ class StepSpeedup:
 
     def keep_originals(self) -> None:
         """Write the original values of the parameters about to be stored in bf16 to a temporary file (not a
-        second copy in memory), for `undo` to put back exactly."""
+        second copy in memory), for `undo` to put back exactly. Raw bytes read back with `readinto` into fresh
+        tensors: a memory-mapped format would count the whole file in the process's resident size while it is
+        read, at the stage end, where memory peaks."""
         if not self.bf16:
             return
-        handle, name = tempfile.mkstemp(prefix="vlmkit-frozen-", suffix=".safetensors")
-        os.close(handle)
+        handle, name = tempfile.mkstemp(prefix="vlmkit-frozen-", suffix=".bin")
         self.spill = Path(name)
         weakref.finalize(self, self.spill.unlink, True)  # gone at exit even if the stage fails
-        tensors = {str(i): param.data.contiguous() for i, (param, _) in enumerate(self.bf16)}
-        save_file(tensors, str(self.spill))
+        with os.fdopen(handle, "wb") as f:
+            for param, _ in self.bf16:
+                f.write(param.data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     def discard(self) -> None:
         """Remove the originals' temporary file (the stage ended without `undo`, e.g. with an error)."""
@@ -103,9 +103,12 @@ class StepSpeedup:
         """Restore the frozen weights' original values and dtypes (not bf16-rounded ones: a saved model keeps
         its base weights as loaded), the attention kernel, and plain (uncompiled) layers."""
         if self.spill is not None:
-            with safe_open(str(self.spill), framework="pt") as originals:
-                for i, (param, _) in enumerate(self.bf16):
-                    param.data = originals.get_tensor(str(i))
+            with open(self.spill, "rb", buffering=0) as f:
+                for param, dtype in self.bf16:
+                    original = torch.empty(param.shape, dtype=dtype)
+                    if f.readinto(original.reshape(-1).view(torch.uint8).numpy().data) != original.nbytes:
+                        raise RuntimeError(f"the frozen weights' originals in {self.spill} are cut short")
+                    param.data = original.to(param.device)
             self.discard()
         else:
             self.restore_dtypes()

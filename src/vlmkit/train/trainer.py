@@ -19,13 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
-from vlmkit.config import RecipeConfig, StageConfig, load_yaml, save_yaml, to_dict
+from vlmkit.config import RecipeConfig, StageConfig, from_dict, load_yaml, save_yaml, to_dict
 from vlmkit.faults import kill_point
 from vlmkit.io import atomic_write_json, replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.memory import HeapReleaser, release_free_memory
 from vlmkit.models.detection import HEAD_WEIGHTS, DetectionHead
+from vlmkit.models.summary import parts_table
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.models.word_bridges import uses_detector
 from vlmkit.precision import autocast_context
@@ -38,11 +40,14 @@ from vlmkit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vlmkit.train.data import StageData, prepare_data
 from vlmkit.train.hooks import GENERATION_HOOKS, GenerationHook
 from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
+from vlmkit.train.pretrain_vision import PretrainVisionConfig, pretrain_vision
 from vlmkit.train.schedule import build_scheduler
 from vlmkit.train.stages import apply_stage, check_requirements, merge_lora, param_groups
 from vlmkit.train.step import StepSpeedup, build_optimizer, speed_up, train_step
+from vlmkit.train.strategies import build_strategy
 
 log = get_logger(__name__)
 
@@ -108,7 +113,6 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(out_dir)
         self.resume = resume
-        from vlmkit.train.strategies import build_strategy
 
         self.strategy = strategy or build_strategy(recipe.train.strategy)
         self.ckpt_root = self.out / "checkpoints"
@@ -263,8 +267,6 @@ class Trainer:
         """Contrastive tower pretraining (once per run directory); the stages then start from its weights."""
         if self._pretrain_cfg is None:
             return
-        from vlmkit.train.data import prepare_data
-        from vlmkit.train.pretrain_vision import pretrain_vision
 
         out = self.out / "vision-pretrain"
         if self.strategy.is_main:
@@ -283,6 +285,7 @@ class Trainer:
             if not done:
                 log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
                 pretrain_vision(cfg, out)
+                release_free_memory()  # the pretraining's data and activations, before the LLM's stages
         self.strategy.barrier()
         self.recipe.model.vision.path = str(out)
         if self._given_model is not None:
@@ -312,10 +315,6 @@ class Trainer:
     def _run_stage(
         self, model: VisionLanguageModel, stage: StageConfig, index: int, progress: Progress
     ) -> VisionLanguageModel:
-        from rich.console import Console
-
-        from vlmkit.models.summary import parts_table
-        from vlmkit.train.data import StageData
 
         cfg = self.recipe.train
         kill_point("stage_start")
@@ -448,17 +447,20 @@ class Trainer:
                     and progress.stage_step < total
                 ):
                     self._validate(wrapped, data, stage, progress, autocast, speedup)
+                    heap.restart()  # what validation and generation left in the heap
                 if (
                     cfg.save_every
                     and progress.stage_step % cfg.save_every == 0
                     and progress.stage_step < total
                 ):
                     self._checkpoint(model, optimizer, scheduler, index, progress)
+                    heap.restart()
                 kill_point("step_done")
         data.close()  # the data-loader workers
         self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
         del wrapped, optimizer
+        release_free_memory()  # the steps' heap, before the frozen weights' originals come back
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         speedup.undo()  # frozen weights back to their own values and dtype, plain layers
         merge_lora(model)
@@ -606,8 +608,6 @@ def _pretrain_config(recipe: RecipeConfig) -> Any:
     """The recipe's `pretrain_vision` section as a validated PretrainVisionConfig on the recipe's tower."""
     if recipe.pretrain_vision is None:
         return None
-    from vlmkit.config import from_dict
-    from vlmkit.train.pretrain_vision import PretrainVisionConfig
 
     if recipe.model.vision.kind != "vit":
         raise ValueError(

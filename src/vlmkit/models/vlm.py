@@ -1,4 +1,8 @@
-"""VisionLanguageModel: vision tower + bridge + LLM (+ fusion mode); forward, generate, save/load."""
+"""VisionLanguageModel: vision tower + bridge + LLM (+ fusion mode); forward, generate, save/load.
+
+Over 400 lines: composition, forward, generate, the LoRA gate and save/load of one model class; the parts
+with their own concerns already live apart (fusion/, generation.py, row_batch.py, hf_export.py).
+"""
 
 from __future__ import annotations
 

@@ -457,6 +457,7 @@ class Trainer:
                     heap.restart()
                 kill_point("step_done")
         data.close()  # the data-loader workers
+        heap.restart()  # the steps' heap back to the OS before the final validation's generation
         self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
         del wrapped, optimizer

@@ -299,32 +299,9 @@ def vlmkit_loop(
     total: int,
 ) -> Loop:
     """The trainer's step with the recipe's `train` settings."""
-    cfg = recipe.train
-    speed_up(model, cfg, torch.device("cpu"))
+    speed_up(model, recipe.train, torch.device("cpu"))
     optimizer = build_optimizer(param_groups(model, stage))
-    scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
-    autocast, strategy, heap, batches = (
-        autocast_context(cfg.precision, "cpu"),
-        SingleProcess(),
-        HeapReleaser(),
-        cursor(data),
-    )
-    seen: list[dict[str, Any]] = []
-
-    def next_batch() -> dict[str, Any]:
-        seen.append(batches())
-        return seen[-1]
-
-    def step() -> tuple[dict[str, Any], float]:
-        seen.clear()
-        model.train()
-        result = train_step(
-            model, model, next_batch, optimizer, scheduler, strategy, autocast, 1, stage.max_grad_norm
-        )
-        heap.step_done()
-        return seen[0], result.loss
-
-    return Loop(name, step)
+    return _train_step_loop(name, model, optimizer, recipe, stage, data, total, HeapReleaser().step_done)
 
 
 def before_loop(
@@ -334,10 +311,25 @@ def before_loop(
     forward), peft's fp32 casts of LoRA inputs, for-loop AdamW. Its other cost, the C heap handed back to the OS
     after every step, is measured apart (`release_cost`): in one process the release would also hand back the
     memory the other loops reuse."""
-    cfg = recipe.train
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    return _train_step_loop("vlmkit before", model, optimizer, recipe, stage, data, total)
+
+
+def _train_step_loop(
+    name: str,
+    model: VisionLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    recipe: RecipeConfig,
+    stage: StageConfig,
+    data: StageData,
+    total: int,
+    after_step: Callable[[], Any] | None = None,
+) -> Loop:
+    """`vlmkit.train.step.train_step` with `optimizer`, the stage's schedule and the recipe's precision, over
+    `data`'s batches; `after_step` runs after each step (e.g. the heap releaser)."""
     scheduler = build_scheduler(optimizer, stage.schedule, total, stage.warmup_ratio)
-    autocast, strategy, batches = autocast_context(cfg.precision, "cpu"), SingleProcess(), cursor(data)
+    autocast, strategy = autocast_context(recipe.train.precision, "cpu"), SingleProcess()
+    batches = cursor(data)
     seen: list[dict[str, Any]] = []
 
     def next_batch() -> dict[str, Any]:
@@ -350,9 +342,11 @@ def before_loop(
         result = train_step(
             model, model, next_batch, optimizer, scheduler, strategy, autocast, 1, stage.max_grad_norm
         )
+        if after_step is not None:
+            after_step()
         return seen[0], result.loss
 
-    return Loop("vlmkit before", step)
+    return Loop(name, step)
 
 
 def peer_loop(

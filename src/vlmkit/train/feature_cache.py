@@ -19,12 +19,7 @@ from torch import nn
 
 from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
-from vlmkit.models.fingerprint import (  # noqa: F401 (weights_digest re-exported)
-    hf_configs,
-    preprocessing,
-    tower_description,
-    weights_digest,
-)
+from vlmkit.models.fingerprint import hf_configs, preprocessing, tower_description
 
 if TYPE_CHECKING:
     from vlmkit.config import DataConfig

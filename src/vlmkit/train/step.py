@@ -110,8 +110,6 @@ class StepSpeedup:
                         raise RuntimeError(f"the frozen weights' originals in {self.spill} are cut short")
                     param.data = original.to(param.device)
             self.discard()
-        else:
-            self.restore_dtypes()
         self.bf16 = []
         if self.attention:
             self.model.llm.set_attention(self.attention[0])

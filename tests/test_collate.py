@@ -268,3 +268,31 @@ def test_stage_loss_average_sample_adds_label_weights(tmp_path):
     stage.loss_average = "per-task"
     with pytest.raises(ValueError, match="loss_average"):
         StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))
+
+
+def test_stage_task_weights_set_the_mixture_of_the_training_data(tmp_path):
+    from collections import Counter
+
+    from vlmkit.config import RecipeConfig, load_config
+    from vlmkit.models.vlm import VisionLanguageModel
+    from vlmkit.train.data import StageData
+    from vlmkit.train.strategies import build_strategy
+
+    recipe = load_config(RecipeConfig, "quickstart-tiny", ["train.feature_cache=false"])
+    model = VisionLanguageModel.from_config(recipe.model)
+    stage = recipe.stages[-1]
+    plain = StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))
+    stage.task_weights = {"counting": 3.0, "caption": 0.0}
+    mixed = StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))
+
+    def tasks(data: StageData) -> Counter:
+        return Counter(e.id.rsplit("-", 1)[1] for e in data.train.encoded)
+
+    before, after = tasks(plain), tasks(mixed)
+    assert before["counting"] > 0 and after["counting"] == 3 * before["counting"]
+    assert after["caption"] == 0 and after["pope"] == before["pope"]
+    assert mixed.num_samples == sum(after.values())
+    assert mixed.val is not None and len(mixed.val) == len(plain.val)  # validation keeps the plain mix
+    recipe.data.merge_turns = True
+    with pytest.raises(ValueError, match="merge_turns"):
+        StageData.build(recipe, stage, model, tmp_path, build_strategy("single"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -15,6 +16,8 @@ from vlmkit.data.formats import (
     parse_record,
     read_records,
 )
+from vlmkit.data.records import DataError
+from vlmkit.data.samples import weight_tasks
 
 IMG = {"type": "image"}
 
@@ -315,3 +318,30 @@ def test_merge_image_turns_shuffles_which_question_comes_first():
     assert len(merged) == 40
     firsts = {m.meta["tasks"][0] for m in merged}
     assert firsts == {"caption", "count", "color"}
+
+
+# ------------------------------------------------------------------------------------------- task mixture
+def _tasks(n: int, task: str) -> list:
+    return [parse_record(llava("a.png", "<image>\nQ?", "A.", id=f"{task}{i}", task=task)) for i in range(n)]
+
+
+def test_task_weights_repeat_records_by_task_the_same_way_every_run():
+    samples = _tasks(100, "counting") + _tasks(100, "caption") + _tasks(100, "pope")
+    mixed = weight_tasks(samples, {"counting": 2.5, "caption": 0})
+    ids = Counter(s.id for s in mixed)
+    tasks = Counter(s.meta["task"] for s in mixed)
+    assert tasks["caption"] == 0 and tasks["pope"] == 100  # dropped; unlisted: weight 1
+    assert 230 <= tasks["counting"] <= 270  # 2 copies each, a third for about half of them
+    assert {ids[f"counting{i}"] for i in range(100)} == {2, 3}
+    assert weight_tasks(samples, {"counting": 2.5, "caption": 0}) == mixed  # deterministic
+    assert weight_tasks(samples, {"counting": 2.5}, seed=1) != mixed  # the seed picks the extra copies
+
+
+def test_task_weights_refuse_unknown_tasks_and_negative_weights():
+    samples = _tasks(4, "counting")
+    with pytest.raises(DataError, match="countng"):
+        weight_tasks(samples, {"countng": 2.0}, "data.json")
+    with pytest.raises(ValueError, match=">= 0"):
+        weight_tasks(samples, {"counting": -1.0})
+    with pytest.raises(DataError, match="leave no sample"):
+        weight_tasks(samples, {"counting": 0.0})

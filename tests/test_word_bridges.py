@@ -128,6 +128,25 @@ def test_object_slots_layout_and_no_location(llm):
     assert plain.num_tokens(16) == 4 and plain(torch.zeros(1, 16, 8)).shape == (1, 4, llm.hidden_size)
 
 
+def test_object_slots_numbered_and_separated(llm):
+    bridge = _slots(llm, num=3, index=True, separator=",")
+    tokens = bridge(torch.zeros(1, 16, 8))[0]  # [3 slots x (1 + 2 + 8 + 1), D]
+    assert tokens.shape == (36, llm.hidden_size) and bridge.num_tokens(16) == 36
+    word = {w: _word(llm, w) for w in ["1", "2", "blue", "square", "red", "circle", "."]}
+    comma = _word(llm, ",", leading_space=False)
+    # slot 1: "1 blue square <8 digits> ,"; slot 2: "2 red circle <8 digits> ,"
+    assert torch.allclose(tokens[0], word["1"]) and torch.allclose(tokens[1], word["blue"])
+    assert torch.allclose(tokens[2], word["square"]) and torch.allclose(tokens[11], comma)
+    assert torch.allclose(tokens[12], word["2"]) and torch.allclose(tokens[14], word["circle"])
+    assert torch.allclose(tokens[23], comma)
+    # slot 3 is empty: no number, filler words, still closed by the separator
+    assert all(torch.allclose(t, word["."]) for t in tokens[24:35]) and torch.allclose(tokens[35], comma)
+    # labels_first: each slot's number and words, closed, then the boxes
+    first = _slots(llm, num=2, index=True, separator=",", layout="labels_first")(torch.zeros(1, 16, 8))[0]
+    assert torch.allclose(first[3], comma) and torch.allclose(first[4], word["2"])
+    assert torch.allclose(first[7], comma) and first.shape[0] == 2 * (1 + 2 + 8 + 1)
+
+
 def test_object_slot_gradients_reach_the_detected_patches_only(llm):
     torch.manual_seed(0)
     cfg = ObjectSlotsConfig(

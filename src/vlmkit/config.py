@@ -272,6 +272,9 @@ class StageConfig:
     tasks: list[str] = field(
         default_factory=list
     )  # keep only records whose `task` field is listed (empty: all)
+    # the stage's task mixture: task -> weight (a task of weight 2 makes twice its share of the batches, 0 none;
+    # unlisted tasks 1), by repeating records (data/samples.py `weight_tasks`)
+    task_weights: dict[str, float] = field(default_factory=dict)
     train_file: str | None = None  # overrides data.train for this stage
     val_file: str | None = None
     init_from: str | None = None  # a previous run directory or model directory to start from

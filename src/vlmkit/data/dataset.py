@@ -35,6 +35,7 @@ from vlmkit.data.formats import (
 from vlmkit.data.images import ImageError
 from vlmkit.data.processor import ImageProcessor, Processor
 from vlmkit.data.prompts import EncodedSample
+from vlmkit.data.samples import weight_tasks
 from vlmkit.data.sources.shards import RawRecord, Shard, find_shards, is_sharded, read_shard
 from vlmkit.log import get_logger
 
@@ -263,6 +264,7 @@ class VLMDataset(torch.utils.data.Dataset):
         num_workers: int = 0,
         enforce_max_bad: bool = True,
         tasks: Sequence[str] | None = None,
+        task_weights: dict[str, float] | None = None,
         merge_turns: bool = False,
     ) -> VLMDataset:
         """Read `path` (any supported format, or shards: read whole into memory) and encode it with
@@ -270,8 +272,8 @@ class VLMDataset(torch.utils.data.Dataset):
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
         `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
-        records whose `task` field is listed; `merge_turns` then joins the records of one image into one
-        multi-turn conversation (`merge_image_turns`).
+        records whose `task` field is listed; `task_weights` then repeats records by task (`weight_tasks`);
+        `merge_turns` joins the records of one image into one multi-turn conversation (`merge_image_turns`).
         """
         report = DataReport(source=str(path))
         if is_sharded(str(path)):  # read whole: for validation splits (training streams them, see loader.py)
@@ -282,6 +284,11 @@ class VLMDataset(torch.utils.data.Dataset):
         samples = read(cfg.format, report=report, caption_instructions=cfg.caption_instructions)
         if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
             samples = select_tasks(samples, tasks, path)
+        if task_weights:
+            before = Counter(str(smp.meta.get("task")) for smp in samples)
+            samples = weight_tasks(samples, task_weights, path)
+            after = Counter(str(smp.meta.get("task")) for smp in samples)
+            log.info("%s: task mixture %s", path, ", ".join(f"{t} {before[t]} -> {after[t]}" for t in before))
         if merge_turns:
             before = len(samples)
             samples = merge_image_turns(samples)

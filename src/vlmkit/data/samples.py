@@ -83,6 +83,37 @@ def select_tasks(samples: Sequence[Sample], tasks: Sequence[str], source: str | 
     return kept
 
 
+def weight_tasks(
+    samples: Sequence[Sample], weights: dict[str, float], source: str | Path = "", seed: int = 0
+) -> list[Sample]:
+    """A stage's task mixture (`task_weights`): each sample whose record's `task` has weight w appears
+    floor(w) times, plus once more for a share frac(w) of them (chosen by a hash of the sample id and `seed`,
+    so the same samples every run); unlisted tasks keep weight 1, weight 0 drops a task. The batch order then
+    shuffles the copies like any sample, so a task of weight 2 makes twice its share of the batches (the
+    mixture ratios of LLaVA-style instruction data).
+
+    A weighted task that no sample carries raises `DataError` (a typo would otherwise change nothing)."""
+    bad = {t: w for t, w in weights.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"task_weights must be >= 0, got {bad}")
+    found = Counter(str(smp.meta.get("task")) for smp in samples)
+    missing = [t for t in weights if t not in found]
+    if missing:
+        held = ", ".join(f"{n} '{t}'" for t, n in found.most_common(10))
+        raise DataError(f"{source}: task_weights name tasks no record carries: {missing} (found: {held})")
+    out: list[Sample] = []
+    for smp in samples:
+        w = weights.get(str(smp.meta.get("task")), 1.0)
+        copies = int(w)
+        if w > copies:
+            u = zlib.crc32(f"{seed}:{smp.id}".encode()) / 2**32
+            copies += u < w - copies
+        out.extend([smp] * copies)
+    if not out:
+        raise DataError(f"{source}: task_weights {weights} leave no sample")
+    return out
+
+
 def merge_image_turns(samples: Sequence[Sample], seed: int = 0) -> list[Sample]:
     """Join the single-image samples that share one image into one multi-turn conversation per image.
 

@@ -61,7 +61,10 @@ class SlotsConfig:
     then its location tokens; empty slots are `empty_word` tokens. `location`: `digits` (the box's x1 y1 x2 y2,
     each times `location_scale`, rounded, as fixed-width digit tokens: 64 gives the pixels of a 64-px image,
     1000 Qwen-VL's bins) or `none`. `layout`: `object` (each slot's words then its box) or `labels_first`
-    (every slot's words, then every slot's box)."""
+    (every slot's words, then every slot's box). `index`: each found object's slot starts with its number
+    (1, 2, ... as digit tokens, as Set-of-Mark prompting numbers regions); an empty slot starts with
+    `empty_word` instead. `separator`: a word (e.g. ",") closing every slot (after its box in the `object`
+    layout, after its words in `labels_first`), empty for none."""
 
     num: int = 4
     location: str = "digits"
@@ -69,6 +72,8 @@ class SlotsConfig:
     layout: str = "object"
     order: str = "left_to_right"
     empty_word: str = "."
+    index: bool = False
+    separator: str = ""
 
 
 @dataclass
@@ -213,7 +218,9 @@ class ObjectSlotsBridge(Bridge):
     `slots.num` most massive are sorted (`slots.order`) and each becomes, per label group, the
     objectness-weighted mixture of the LLM's embeddings of the group's words, then (`slots.location: digits`)
     its box x1 y1 x2 y2 times `slots.location_scale`, rounded, as fixed-width digit-word embeddings. Unused
-    slots are `slots.empty_word` embeddings. M = num x (groups + 4 x digits per coordinate) for any N.
+    slots are `slots.empty_word` embeddings. With `slots.index` each found object's slot starts with its number,
+    with `slots.separator` each slot ends with that word. M = num x (index + groups + 4 x digits per coordinate
+    + separator) for any N.
     The label mixtures are differentiable in the head's outputs; which patches form an object and the box
     digits are discrete.
     """
@@ -238,21 +245,29 @@ class ObjectSlotsBridge(Bridge):
         self.filler = WordTable([slots.empty_word], llm_dim)
         self.digits = WordTable([str(d) for d in range(10)], llm_dim, leading_space=False)
         self.width = len(str(slots.location_scale)) if slots.location == "digits" else 0
+        # only when used: models saved before these options load unchanged
+        self.numbers = WordTable([str(k + 1) for k in range(slots.num)], llm_dim) if slots.index else None
+        self.separator = (
+            WordTable([slots.separator], llm_dim, leading_space=False) if slots.separator else None
+        )
 
     def bind_llm(self, llm: Any) -> None:
-        for table in [*self.tables, self.filler, self.digits]:
-            table.bind_llm(llm)
+        for table in [*self.tables, self.filler, self.digits, self.numbers, self.separator]:
+            if table is not None:
+                table.bind_llm(llm)
 
     @property
     def labels_per_slot(self) -> int:
-        return len(self.tables)
+        """Tokens of a slot's words: its number (`slots.index`), then one per label group."""
+        return int(self.cfg.slots.index) + len(self.tables)
 
     @property
     def locations_per_slot(self) -> int:
         return 4 * self.width
 
     def num_tokens(self, n: int) -> int:
-        return self.cfg.slots.num * (self.labels_per_slot + self.locations_per_slot)
+        closing = int(bool(self.cfg.slots.separator))
+        return self.cfg.slots.num * (self.labels_per_slot + self.locations_per_slot + closing)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         det = self.head(features)
@@ -265,18 +280,26 @@ class ObjectSlotsBridge(Bridge):
             )
             objects = sort_objects(found[: slots.num], slots.order)
             labels, locations = [], []
-            for obj in objects:
+            filler = self.filler.weight[0]
+            for k, obj in enumerate(objects):
                 w = obj.weights  # [N]
                 mixed = [
                     table.mix(w @ p[b, :, 1:] / (w @ p[b, :, 1:]).sum().clamp(min=1e-8))  # [Dl]
                     for table, p in zip(self.tables, det.probs)
                 ]
-                labels.append(torch.stack(mixed))  # [G, Dl]
+                if self.numbers is not None:
+                    mixed.insert(0, self.numbers.weight[k])
+                labels.append(torch.stack(mixed))  # [labels_per_slot, Dl]
                 locations.append(self._location_tokens(obj.box))  # [4 * width, Dl]
             empty = slots.num - len(objects)
-            filler = self.filler.weight[0]
             labels += [filler.expand(self.labels_per_slot, -1)] * empty
             locations += [filler.expand(self.locations_per_slot, -1)] * empty
+            if self.separator is not None:  # every slot closed by the separator word
+                close = self.separator.weight[:1]
+                if slots.layout == "object":
+                    locations = [torch.cat([loc, close]) for loc in locations]
+                else:
+                    labels = [torch.cat([lab, close]) for lab in labels]
             if slots.layout == "object":
                 parts = [t for pair in zip(labels, locations) for t in pair]
             else:

@@ -85,6 +85,11 @@ class StageData:
                 f"stage '{stage.name}' has no training data: set data.train, data.synthetic or "
                 "the stage's train_file"
             )
+        if stage.task_weights and data_cfg.merge_turns:
+            raise ValueError(
+                f"stage '{stage.name}': task_weights repeat records, which data.merge_turns would then join "
+                "into conversations asking the same question twice; use one or the other"
+            )
         if stage.loss_average not in ("token", "sample"):
             raise ValueError(
                 f"stage '{stage.name}': loss_average must be 'token' or 'sample', not '{stage.loss_average}'"
@@ -95,7 +100,12 @@ class StageData:
             train: Any = ShardSource.build(data_cfg, train_file, processor, stage)
         else:
             train = VLMDataset.from_config(
-                data_cfg, train_file, processor, tasks=tasks, merge_turns=data_cfg.merge_turns
+                data_cfg,
+                train_file,
+                processor,
+                tasks=tasks,
+                task_weights=stage.task_weights,
+                merge_turns=data_cfg.merge_turns,
             )
         val_file = stage.val_file or data_cfg.val
         val = (
@@ -239,9 +249,9 @@ class ShardSource:
 
     @classmethod
     def build(cls, cfg: DataConfig, spec: str, processor: Any, stage: StageConfig) -> ShardSource:
-        if stage.tasks:
+        if stage.tasks or stage.task_weights:
             raise ValueError(
-                f"stage '{stage.name}': tasks {stage.tasks} filter records, which sharded data ({spec}) does "
+                f"stage '{stage.name}': tasks / task_weights filter or repeat records, which sharded data ({spec}) does "
                 "not do while streaming; write the stage's records into shards of their own and name them in "
                 "its train_file"
             )

@@ -63,8 +63,9 @@ class SlotsConfig:
     1000 Qwen-VL's bins) or `none`. `layout`: `object` (each slot's words then its box) or `labels_first`
     (every slot's words, then every slot's box). `index`: each found object's slot starts with its number
     (1, 2, ... as digit tokens, as Set-of-Mark prompting numbers regions); an empty slot starts with
-    `empty_word` instead. `separator`: a word (e.g. ",") closing every slot (after its box in the `object`
-    layout, after its words in `labels_first`), empty for none."""
+    `empty_word` instead. `separator`: a word (e.g. ",") closing every found object's slot (after its box in
+    the `object` layout, after its words in `labels_first`; an empty slot ends with `empty_word`), "" for none.
+    Empty slots are all `empty_word`, so the numbers and separators count the objects found."""
 
     num: int = 4
     location: str = "digits"
@@ -219,7 +220,7 @@ class ObjectSlotsBridge(Bridge):
     objectness-weighted mixture of the LLM's embeddings of the group's words, then (`slots.location: digits`)
     its box x1 y1 x2 y2 times `slots.location_scale`, rounded, as fixed-width digit-word embeddings. Unused
     slots are `slots.empty_word` embeddings. With `slots.index` each found object's slot starts with its number,
-    with `slots.separator` each slot ends with that word. M = num x (index + groups + 4 x digits per coordinate
+    with `slots.separator` each found object's slot ends with that word. M = num x (index + groups + 4 x digits per coordinate
     + separator) for any N.
     The label mixtures are differentiable in the head's outputs; which patches form an object and the box
     digits are discrete.
@@ -294,12 +295,12 @@ class ObjectSlotsBridge(Bridge):
             empty = slots.num - len(objects)
             labels += [filler.expand(self.labels_per_slot, -1)] * empty
             locations += [filler.expand(self.locations_per_slot, -1)] * empty
-            if self.separator is not None:  # every slot closed by the separator word
-                close = self.separator.weight[:1]
+            if self.separator is not None:  # every found object's slot closed by the separator word
+                ends = [self.separator.weight[:1]] * len(objects) + [filler[None]] * empty
                 if slots.layout == "object":
-                    locations = [torch.cat([loc, close]) for loc in locations]
+                    locations = [torch.cat([loc, end]) for loc, end in zip(locations, ends)]
                 else:
-                    labels = [torch.cat([lab, close]) for lab in labels]
+                    labels = [torch.cat([lab, end]) for lab, end in zip(labels, ends)]
             if slots.layout == "object":
                 parts = [t for pair in zip(labels, locations) for t in pair]
             else:

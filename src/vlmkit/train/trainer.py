@@ -452,11 +452,11 @@ class Trainer:
             checkpoint=checkpoint,
             save_every=cfg.save_every,
         )
-        wrapped = optimizer = None  # released as before; the step closures refer to these names
+        data.close()  # the data-loader workers
         heap.restart()  # the steps' heap back to the OS before the final validation's generation
         self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
-        wrapped = optimizer = None  # (the step closures hold them too)
+        wrapped = optimizer = None  # released as before (the step closures refer to these names)
         release_free_memory()  # the steps' heap, before the frozen weights' originals come back
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         speedup.undo()  # frozen weights back to their own values and dtype, plain layers
@@ -608,12 +608,8 @@ def _pretrain_config(recipe: RecipeConfig) -> Any:
         return None
 
     section = dict(recipe.pretrain_vision)
-    fields = {
-        f.name
-        for f in dataclasses.fields(
-            ObjectiveConfig.kind_class(str(section.get("objective", ObjectiveConfig.objective)))
-        )
-    }
+    kind = ObjectiveConfig.kind_class(str(section.get("objective", ObjectiveConfig.objective)))
+    fields = {f.name for f in dataclasses.fields(kind)}
     if "vision" in fields and recipe.model.vision.kind != "vit":
         raise ValueError(
             f"pretrain_vision trains the project's `vit` tower, not '{recipe.model.vision.kind}'"

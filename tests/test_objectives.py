@@ -125,3 +125,18 @@ def test_a_crashed_objective_resumes_exactly(line, tmp_path):
     fresh = Line(cfg)  # without resume a new run starts from the beginning
     run_objective(fresh, out, progress=False)
     assert len(fresh.lrs) == 9
+
+
+def test_a_pretraining_config_written_before_objectives_still_counts_as_the_same(tmp_path):
+    """Run directories of the previous version hold a pretrain_config.yaml without `objective` / `save_every`:
+    the same settings, so `--resume` (and a rerun) keeps their tower instead of pretraining again."""
+    from vlmkit.config import save_yaml, to_dict
+    from vlmkit.train.pretrain_vision import PretrainVisionConfig
+    from vlmkit.train.trainer import _same_config
+
+    cfg = PretrainVisionConfig(steps=800, contrastive_weight=0.0, data="train.json")
+    old = {k: v for k, v in to_dict(cfg).items() if k not in ("objective", "save_every")}
+    save_yaml(old, tmp_path / DONE_FILE)
+    assert _same_config(tmp_path / DONE_FILE, cfg)
+    save_yaml({**old, "steps": 400}, tmp_path / DONE_FILE)
+    assert not _same_config(tmp_path / DONE_FILE, cfg)

@@ -275,7 +275,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- model
     def _pretrain_vision(self) -> None:
         """The tower's pretraining objective (once per run directory; checkpoints in vision-pretrain/checkpoints,
-        resumed exactly with --resume); the stages then start from its weights. No LLM is loaded for it."""
+        resumed exactly with --resume); the stages then start from its weights. The Trainer loads no LLM for it."""
         if self._pretrain_cfg is None:
             return
 

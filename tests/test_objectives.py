@@ -3,6 +3,7 @@ one class + one registration, and a run cut short then resumed from its checkpoi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def test_the_objective_key_picks_the_registered_config(line):
 
 
 def test_the_schedule_is_the_shared_one(line, tmp_path):
-    cfg = LineConfig(objective="line", steps=20, lr=0.1, warmup_ratio=0.1, save_every=0)
+    cfg = LineConfig(objective="line", steps=20, lr=0.1, warmup_ratio=0.1, save_every=0, schedule="cosine")
     objective = OBJECTIVES.get("line")(cfg)
     start = objective.model.weight.item()
     metrics = run_objective(objective, tmp_path / "out", progress=False)
@@ -102,6 +103,18 @@ def test_the_schedule_is_the_shared_one(line, tmp_path):
     assert objective.lrs == pytest.approx([0.1 * curve(s) for s in range(20)], rel=1e-12)
     assert abs(objective.model.weight.item() - 3.0) < abs(start - 3.0) - 0.5  # it trains
     assert (tmp_path / "out" / "line.pt").is_file() and (tmp_path / "out" / DONE_FILE).is_file()
+
+
+def test_the_default_schedule_starts_at_a_floor_even_in_a_short_run(line):
+    """`cosine_floor` (the tower pretraining's curve): warmup by progress from 1% of the lr; `cosine` would give a
+    3-step run no warmup step at all (its first step at the whole lr)."""
+    objective = Line(LineConfig(objective="line", steps=3, lr=1.0, warmup_ratio=0.05, save_every=0))
+    run_objective(objective, None, progress=False)
+    assert objective.lrs[0] == pytest.approx(0.01)
+    assert objective.lrs[1:] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * (p - 0.05) / 0.95)) for p in (1 / 3, 2 / 3)]
+    )
+    assert lr_lambda("cosine", 3, 0)(0) == 1.0
 
 
 def test_a_crashed_objective_resumes_exactly(line, tmp_path):

@@ -33,7 +33,7 @@ from vlmkit.train.checkpoint import (
     set_rng_state,
 )
 from vlmkit.train.loop import run_loop
-from vlmkit.train.schedule import build_scheduler
+from vlmkit.train.schedule import SCHEDULES, build_scheduler
 
 log = get_logger(__name__)
 
@@ -45,10 +45,10 @@ KEEP_LAST = 2
 
 @dataclass
 class ObjectiveConfig(KindConfig):
-    """What every objective has: its data, its steps (the cosine schedule with linear warmup of
-    train/schedule.py runs over `steps`; `max_seconds` > 0 also stops it after that much training time, where the
-    lr has not reached the end of its curve), checkpoints every `save_every` steps (0: none), a seed and the
-    number of CPU threads (0: as set)."""
+    """What every objective has: its data, its steps (a train/schedule.py `schedule` runs over `steps`: by
+    default `cosine_floor`, warmup by progress from 1% of the lr over `warmup_ratio`, then cosine to 0;
+    `max_seconds` > 0 also stops it after that much training time, before the lr reaches the end of its curve),
+    checkpoints every `save_every` steps (0: none), a seed and the number of CPU threads (0: as set)."""
 
     _registry: ClassVar[str] = "vlmkit.train.objectives:OBJECTIVES"
     _key: ClassVar[str] = "objective"
@@ -57,6 +57,7 @@ class ObjectiveConfig(KindConfig):
     data: str | None = None
     image_root: str | None = None
     steps: int = 600
+    schedule: str = "cosine_floor"
     max_seconds: float = 0.0
     lr: float = 4e-3
     weight_decay: float = 0.05
@@ -133,9 +134,13 @@ def run_objective(
     cfg = objective.cfg
     if cfg.steps <= 0:
         raise ValueError(f"objective '{cfg.objective}': set steps (> 0) to bound the training")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(
+            f"objective '{cfg.objective}': unknown schedule '{cfg.schedule}'; known: {', '.join(SCHEDULES)}"
+        )
     root = Path(out) / CHECKPOINTS if out is not None else None
     optimizer = objective.optimizer()
-    scheduler = build_scheduler(optimizer, "cosine", cfg.steps, cfg.warmup_ratio)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.steps, cfg.warmup_ratio)
     done, seconds_before = 0, 0.0
     if root is not None and resume:
         done, seconds_before = _resume(objective, root, optimizer, scheduler)

@@ -283,19 +283,21 @@ def test_progress_lines_show_only_the_losses_that_train(tmp_path, shapes, caplog
 
 
 @pytest.mark.parametrize("contrastive", [True, False])
-def test_progress_bar_shows_only_the_losses_that_train(contrastive):
+def test_progress_bar_shows_only_the_losses_that_train(shapes, train_data, contrastive):
     import io
 
     from rich.console import Console
 
-    from vlmkit.train.pretrain_vision import _progress_bar
+    from vlmkit.progress import progress_bar
+    from vlmkit.train.pretrain_vision import VisionPretrain
 
-    bar = _progress_bar(True, contrastive)
-    bar.add_task("pretrain", total=1.0, step=7, loss=0.5, acc=0.25, dense=0.125)
+    objective = VisionPretrain(_cfg(shapes["train"], contrastive_weight=float(contrastive)), train_data)
+    bar = progress_bar(*objective.fields)  # the shared loop's bar with the objective's numbers
+    bar.add_task("pretrain", total=10, completed=7, loss=0.5, acc=0.25, dense=0.125)
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(bar.make_tasks_table(bar.tasks))
     text = console.export_text()
-    assert "step 7" in text and "dense 0.125" in text
+    assert "7/10" in text and "dense 0.125" in text
     assert ("loss 0.500" in text and "acc 0.25" in text) == contrastive, text
 
 

@@ -45,6 +45,7 @@ QUICK_SMALL = [
     "data.synthetic.n_test=2",
     "pretrain_vision.batch_size=8",
     "pretrain_vision.threads=1",
+    "pretrain_vision.save_every=1",  # checkpoints of the tower pretraining after steps 1 and 2 (of 3)
 ]
 PRELOAD = ["vlmkit.cli", "vlmkit.train.trainer", "vlmkit.train.data", "vlmkit.shapesworld.world", "peft"]
 
@@ -117,6 +118,11 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.{len(list(out.parent.glob(out.name + '.*.log')))}.log"
     argv = ["train", config, "--out", str(out), *(["--resume"] if resume else []), "--set", *overrides]
+    return cli(argv, log, kill_at, enospc)
+
+
+def cli(argv: list[str], log: Path, kill_at: str = "", enospc: str = "") -> tuple[int, str]:
+    """Run `vlmkit ARGV` in a forked process with output to `log`: (exit code, its output)."""
     proc = _context().Process(target=_child, args=(argv, kill_at, str(log), enospc))
     proc.start()
     proc.join(timeout=600)
@@ -314,8 +320,8 @@ def quick_reference(tmp_path_factory) -> Path:
 
 
 QUICK_MOMENTS = {
-    "tower-pretraining-step": "pretrain_step:2",
-    "tower-pretraining-save": "pretrain_save:1",
+    "tower-pretraining-step": "pretrain_step:2",  # after the checkpoint of step 2: resumed from it
+    "tower-pretraining-save": "pretrain_save:1",  # tower saved, text encoder not: resumed from step 2
     "feature-cache-precompute": "feature_cache_batch:1",
     "feature-cache-shard-written": "feature_cache_shard:1",
 }
@@ -325,8 +331,67 @@ QUICK_MOMENTS = {
 def test_sigkill_in_tower_pretraining_or_feature_cache_then_resume(quick_reference, tmp_path, moment):
     out = tmp_path / "run"
     killed(out, QUICK_MOMENTS[moment], config=QUICK, overrides=QUICK_SMALL)
-    resumed(out, config=QUICK, overrides=QUICK_SMALL)
+    text = resumed(out, config=QUICK, overrides=QUICK_SMALL)
+    if moment.startswith("tower"):  # continued from its checkpoint, not pretrained again from the start
+        assert "continuing the vision_pretrain objective from" in text and "step-2" in text, text[-3000:]
+    assert not (out / "vision-pretrain" / "checkpoints").exists()
     assert_same_run(out, quick_reference)
     tower = load_file(str(out / "vision-pretrain" / "vision.safetensors"))
     want = load_file(str(quick_reference / "vision-pretrain" / "vision.safetensors"))
     assert all(torch.equal(tower[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------- `vlmkit pretrain-vision` on its own
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> str:
+    from vlmkit.shapesworld.world import generate_shapesworld
+
+    out = tmp_path_factory.mktemp("pairs")
+    return str(generate_shapesworld(out, 0, seed=3, image_size=32, splits={"train": 24})["train"])
+
+
+def pretrain(pairs: str, out: Path, *, resume: bool = False, kill_at: str = "") -> tuple[int, str]:
+    """6 steps of contrastive + dense pretraining of a tiny tower, checkpoints after steps 2 and 4."""
+    tiny = ["image_size=32", "vit.dim=32", "vit.depth=1", "vit.heads=2", "text.dim=32", "text.depth=1"]
+    argv = ["pretrain-vision", pairs, "--out", str(out), "--steps", "6", "--no-progress"]
+    argv += [*(["--resume"] if resume else []), "--set", *tiny, "embed_dim=32", "batch_size=8"]
+    argv += ["save_every=2", "threads=1"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return cli(
+        argv, out.parent / f"{out.name}.{len(list(out.parent.glob(out.name + '.*.log')))}.log", kill_at
+    )
+
+
+PRETRAIN_MOMENTS = {  # kill point -> the checkpoint the resumed run continues from
+    "after-a-step": ("pretrain_step:5", "step-4"),
+    "inside-a-checkpoint-write": ("checkpoint_write:2", "step-2"),
+    "inside-the-final-save": ("pretrain_save:1", "step-4"),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrain_reference(pairs, tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("pretrain-reference") / "out"
+    code, text = pretrain(pairs, ref)
+    assert code == 0, text[-3000:]
+    return ref
+
+
+@pytest.mark.parametrize("moment", list(PRETRAIN_MOMENTS))
+def test_sigkill_in_pretrain_vision_then_resume_gives_the_same_tower(
+    pairs, pretrain_reference, tmp_path, moment
+):
+    ref = pretrain_reference
+    out = tmp_path / "run"
+    kill_at, step = PRETRAIN_MOMENTS[moment]
+    code, text = pretrain(pairs, out, kill_at=kill_at)
+    assert code == -signal.SIGKILL, f"{kill_at} was not reached (exit code {code}):\n{text[-3000:]}"
+    code, text = pretrain(pairs, out, resume=True)
+    assert code == 0, text[-3000:]
+    assert f"continuing the vision_pretrain objective from {out / 'checkpoints' / step}" in text, text[-3000:]
+    for name in ("vision.safetensors", "text_encoder.safetensors", "detection_head.safetensors"):
+        got, want = load_file(str(out / name)), load_file(str(ref / name))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in ref.iterdir()
+    )  # no checkpoints left

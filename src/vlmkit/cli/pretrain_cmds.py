@@ -31,7 +31,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         data["steps"] = args.steps
     try:
         cfg = from_dict(PretrainVisionConfig, apply_overrides(data, _overrides(args.set)))
-        out = pretrain_vision(cfg, args.out, progress=not args.no_progress)
+        out = pretrain_vision(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if args.probe_val:
@@ -66,15 +66,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the project's small ViT contrastively against a small word-order-aware text "
         "encoder on caption JSONL ({image, caption}) or LLaVA JSON (ShapesWorld: its caption records, plus "
         "binding hard negatives and per-patch label heads from meta.objects). Writes vision.safetensors, "
-        "vision_config.json, the text encoder and metrics.json into --out.",
+        "vision_config.json, the text encoder and metrics.json into --out; checkpoints every save_every steps "
+        "(--resume continues a killed run).",
     )
     p.add_argument("data", help="caption JSONL or LLaVA JSON(L) with image–text pairs")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--image-root", default=None, help="base for relative image paths (default: the data's dir)"
     )
-    p.add_argument("--seconds", type=float, default=None, help="training time budget (default 90)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (default: time only)")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="also stop after this much training time (default: none)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default 600; the lr curve's length)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --out/checkpoints (the same result as an uninterrupted run)",
+    )
     p.add_argument("--config", default=None, help="YAML with PretrainVisionConfig fields")
     p.add_argument(
         "--set",

@@ -103,11 +103,13 @@ def save_checkpoint(
     keep_last: int = 2,
     weights: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `ckpt_root/step-N` via a temp dir + rename, then move the `latest` pointer; keep the last K.
 
     The temp dir gets the weights, the optimizer/scheduler/RNG state, the trainer state and last a manifest
-    (size and sha256 of each file) that `verify_checkpoint` checks on resume. A full disk raises `NoSpaceError`
+    (size and sha256 of each file) that `verify_checkpoint` checks on resume. `extra`: more state exact resume
+    needs (an objective's data position and samplers), saved with the optimizer's as `"extra"`. A full disk raises `NoSpaceError`
     naming the path and the bytes needed; the temp dir is removed and the previous checkpoints stay as they were.
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,8 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
     }
+    if extra is not None:
+        rest["extra"] = extra
     try:
         tmp.mkdir()
         save_file(weights, str(tmp / WEIGHTS_NAME))
@@ -261,7 +265,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load trainable weights into `model`; return (trainer_state, {optimizer, scheduler, rng})."""
+    """Load trainable weights into `model`; return (trainer_state, {optimizer, scheduler, rng[, extra]})."""
     weights = load_file(str(path / WEIGHTS_NAME))
     params = dict(model.named_parameters())
     unknown = [k for k in weights if k not in params]

@@ -1,7 +1,10 @@
-"""CLIP-style contrastive pretraining of the small ViT on image–text pairs, plus cheap linear probes.
+"""The small ViT's pretraining without the LLM — the `vision_pretrain` objective (contrastive InfoNCE against a
+small text encoder and/or a per-patch detection head) — plus cheap linear probes of the result.
 
-Over 400 lines, a known debt: it is a second training loop (its own schedule, parameter groups, probes) for
-the tower's pretraining objectives; moving it onto the shared Trainer as an objective is open work (issue 12).
+Over 400 lines: the objective needs its own data (image–text pairs with object boxes), text side (word
+tokenizer, text encoder, caption forms and hard negatives), dense targets, files and probes, which nothing else
+uses. Its steps run on the shared loop (train/objectives.py, train/loop.py): the schedule, progress bar,
+checkpoints and exact resume are not here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from vlmkit.faults import kill_point
 from vlmkit.log import get_logger
 from vlmkit.models.detection import DetectionHead
 from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
-from vlmkit.progress import progress_bar
+from vlmkit.train.objectives import OBJECTIVES, Objective, ObjectiveConfig, cpu_threads, run_objective
 
 log = get_logger(__name__)
 
@@ -53,12 +55,11 @@ class TextEncoderConfig:
 
 
 @dataclass
-class PretrainVisionConfig:
-    """Contrastive image–text pretraining of a `SmallViT` (`vlmkit pretrain-vision`).
-
-    Stops after `steps` optimizer steps or `max_seconds` of training, whichever comes first (0: no limit of
-    that kind); the cosine schedule follows whichever limit is nearer. Loss: `contrastive_weight` x symmetric
-    InfoNCE (learned temperature) + `dense_weight` x per-patch label heads.
+class PretrainVisionConfig(ObjectiveConfig):
+    """The `vision_pretrain` objective (`vlmkit pretrain-vision`, a recipe's `pretrain_vision:` section): a
+    `SmallViT` trained without the LLM, on `steps` optimizer steps (and the other settings every objective has,
+    `ObjectiveConfig`). Loss: `contrastive_weight` x symmetric InfoNCE against a small text encoder (learned
+    temperature) + `dense_weight` x per-patch label heads.
 
     Records holding `meta.objects` (a `box` and one label per `label_groups` key each) get a per-patch
     detection head on the `select_layer` features (each group's label and the object's box for every patch;
@@ -75,17 +76,10 @@ class PretrainVisionConfig:
     whole tower either way.
     """
 
-    data: str | None = None
-    image_root: str | None = None
     vision: VisionConfig = field(default_factory=lambda: VisionConfig.make("vit"))
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     embed_dim: int = 64
     batch_size: int = 64
-    lr: float = 4e-3
-    weight_decay: float = 0.05
-    warmup_ratio: float = 0.05
-    max_seconds: float = 90.0
-    steps: int = 0
     contrastive_weight: float = 1.0
     contrastive_tower: str = "top"
     hard_negatives: int = 2
@@ -94,9 +88,6 @@ class PretrainVisionConfig:
     hflip: bool = True
     dense_weight: float = 1.0
     max_pairs: int = 0
-    seed: int = 0
-    threads: int = 2
-    log_every: int = 100
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -556,17 +547,6 @@ def dense_loss(
 
 
 # ------------------------------------------------------------------------------------------------ training
-@contextmanager
-def _threads(n: int):
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def label_groups(data: PairData, groups: dict[str, list[str]]) -> dict[str, list[str]]:
     """The detection head's label words per group: as configured, or (an empty list) every value in the data."""
     objs = [o for scene in data.objects if scene for o in scene]
@@ -581,20 +561,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         skip = p.ndim < 2 or name.endswith(("pos", "cls")) or "embed.weight" in name and "patch" not in name
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_factor(progress: float, warmup: float) -> float:
-    if progress < warmup:
-        return max(progress / warmup, 0.01)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / max(1e-8, 1 - warmup))))
-
-
-def _progress_bar(enabled: bool, contrastive: bool = True):
-    """The bar; its contrastive loss / in-batch accuracy columns only when that loss is on."""
-    numbers = ["loss {task.fields[loss]:.3f}", "acc {task.fields[acc]:.2f}"] if contrastive else []
-    return progress_bar(
-        "step {task.fields[step]}", *numbers, "dense {task.fields[dense]:.3f}", enabled=enabled, count=False
-    )
 
 
 def build_model(cfg: PretrainVisionConfig, data: PairData) -> tuple[ContrastiveModel, TextSampler]:
@@ -628,6 +594,167 @@ def _batch_contrastive(
     return contrastive_loss(image_emb, model.encode_texts(texts), text_ids, model.logit_scale.exp())
 
 
+def _check(cfg: PretrainVisionConfig) -> None:
+    if cfg.vision.kind != "vit":
+        raise ValueError(
+            f"pretrain-vision trains the project's own ViT (vision.kind 'vit'), not '{cfg.vision.kind}'"
+        )
+    if cfg.contrastive_tower not in ("all", "top"):
+        raise ValueError(f"contrastive_tower must be 'all' or 'top', not '{cfg.contrastive_tower}'")
+    if cfg.steps <= 0:
+        raise ValueError("set steps (> 0) to bound the pretraining (max_seconds may bound it further)")
+
+
+@OBJECTIVES.register("vision_pretrain", config=PretrainVisionConfig)
+class VisionPretrain(Objective):
+    """The tower's pretraining as an objective: InfoNCE against the text encoder and/or the dense detection
+    heads, over `ContrastiveModel` (tower, text encoder, heads); no LLM involved. `model`/`sampler`: an
+    already built pair (`build_model`), else built here from `cfg` after seeding with `cfg.seed`."""
+
+    def __init__(
+        self,
+        cfg: PretrainVisionConfig,
+        data: PairData | None = None,
+        built: tuple[ContrastiveModel, TextSampler] | None = None,
+    ) -> None:
+        _check(cfg)
+        if data is None:
+            if not cfg.data:
+                raise ValueError("no data: set `data` (caption JSONL or LLaVA JSON)")
+            t0 = time.perf_counter()
+            data = load_pairs(cfg.data, cfg.vision, cfg.image_root, cfg.max_pairs, list(cfg.label_groups))
+            log.info(
+                "loaded %d image–text pairs from %s in %.1fs", len(data), cfg.data, time.perf_counter() - t0
+            )
+        if built is None:
+            torch.manual_seed(cfg.seed)
+            built = build_model(cfg, data)
+            log.info(
+                "pretraining ViT (dim %d, depth %d, %d params) + text encoder (%d words) on %d pairs "
+                "(%d with objects)",
+                built[0].tower.feature_dim, len(built[0].tower.blocks),
+                sum(p.numel() for p in built[0].tower.parameters()),
+                len(built[0].tokenizer), len(data), sum(o is not None for o in data.objects),
+            )  # fmt: skip
+        self.cfg, self.data = cfg, data
+        self.model, self.sampler = built
+        model, size = self.model, cfg.vision.image_size
+        grid = model.tower.grid_size()
+        self.has_objects = torch.tensor([o is not None for o in data.objects])  # [N]
+        views = [data.objects, [mirror(o, size) if o else None for o in data.objects]]  # as is, mirrored
+        targets = [[dense_targets(o, size, grid, model.groups) for o in objs] for objs in views]
+        self.labels = torch.stack([torch.stack([t[0] for t in ts]) for ts in targets])  # [2, N, groups, G*G]
+        self.box = torch.stack([torch.stack([t[1] for t in ts]) for ts in targets])  # [2, N, G*G, 4]
+        self.on = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G]
+        self.use_dense = cfg.dense_weight > 0 and bool(self.has_objects.any()) and model.detector is not None
+        tower_params = list(model.tower.parameters())
+        others = [p for p in model.parameters() if all(p is not q for q in tower_params)]
+        self.clip_parts = [tower_params, others]
+        self.rng = random.Random(cfg.seed)  # texts: positives' forms, hard negatives
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # data order, flips
+        self.batch = min(cfg.batch_size, len(data))
+        self.order, self.pos = torch.randperm(len(data), generator=self.gen), 0
+        self.steps, self.ema = 0, [0.0, 0.0, 0.0]  # running loss, in-batch accuracy, dense loss
+        contrastive = ["loss {task.fields[loss]:.3f}", "acc {task.fields[acc]:.2f}"]
+        self.fields = (*(contrastive if cfg.contrastive_weight > 0 else []), "dense {task.fields[dense]:.3f}")
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        groups = _param_groups(self.model, self.cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.98))
+
+    def _next_indices(self) -> torch.Tensor:
+        if self.pos + self.batch > len(self.data):
+            self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return idx
+
+    def step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        idx = self._next_indices()
+        flip = torch.zeros(len(idx), dtype=torch.bool)
+        if cfg.hflip:
+            flip = (torch.rand(len(idx), generator=self.gen) < 0.5) & self.has_objects[idx]
+        pixels = self.data.pixels[idx]  # [B, 3, S, S]
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        detach = self.use_dense and cfg.contrastive_tower == "top"
+        image_emb, patches = model.encode_images(pixels, detach)  # [B, E], [B, G*G, D]
+        loss, acc = torch.zeros(()), torch.zeros(())
+        if cfg.contrastive_weight > 0:
+            loss, acc = _batch_contrastive(
+                model, self.sampler, idx.tolist(), flip.tolist(), image_emb, cfg.hard_negatives, self.rng
+            )
+        total = cfg.contrastive_weight * loss
+        d_loss = torch.zeros(())
+        if self.use_dense:
+            keep, view = self.has_objects[idx], flip.long()
+            d_loss = dense_loss(
+                model,
+                patches[keep],
+                self.labels[view, idx][keep],
+                self.box[view, idx][keep],
+                self.on[view, idx][keep],
+            )
+            total = total + cfg.dense_weight * d_loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for part in self.clip_parts:  # clipped apart: text-side gradients do not shrink the tower's updates
+            torch.nn.utils.clip_grad_norm_(part, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        self.steps += 1
+        w = 0.9 if self.steps > 10 else 0.0
+        self.ema = [w * e + (1 - w) * v.item() for e, v in zip(self.ema, (loss, acc, d_loss))]
+        return dict(zip(("loss", "acc", "dense"), self.ema))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.getstate(),
+            "gen": self.gen.get_state(),
+            "order": self.order,
+            "pos": self.pos,
+            "steps": self.steps,
+            "ema": list(self.ema),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+        self.order, self.pos, self.steps, self.ema = (
+            state["order"],
+            state["pos"],
+            state["steps"],
+            state["ema"],
+        )
+
+    def describe(self, step: int, seconds: float) -> str:
+        loss, acc, dense = self.ema
+        if self.cfg.contrastive_weight > 0:
+            temp = self.model.logit_scale.exp().item()
+            return (
+                f"step {step} ({seconds:.0f}s): loss {loss:.3f}, in-batch acc {acc:.3f}, dense {dense:.3f}, "
+                f"temp {temp:.1f}"
+            )
+        return f"step {step} ({seconds:.0f}s): dense loss {dense:.3f}"  # no contrastive numbers to show
+
+    def metrics(self, steps: int, seconds: float) -> dict[str, Any]:
+        loss, acc, dense = self.ema
+        return {
+            "steps": steps,
+            "seconds": round(seconds, 1),
+            "images_per_second": round(steps * self.batch / max(seconds, 1e-9), 1),
+            "loss": round(loss, 4),
+            "train_retrieval_acc": round(acc, 4),
+            "dense_loss": round(dense, 4),
+            "logit_scale": round(self.model.logit_scale.exp().item(), 2),
+            "pairs": len(self.data),
+        }
+
+    def save(self, out: Path, metrics: dict[str, Any]) -> None:
+        save_pretrained(self.model, out, metrics)
+
+
 def train_contrastive(
     cfg: PretrainVisionConfig,
     model: ContrastiveModel,
@@ -635,99 +762,10 @@ def train_contrastive(
     data: PairData,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Train `model` in place (InfoNCE + optional dense heads) until `cfg.steps` / `cfg.max_seconds`; returns
-    training metrics. The model is left in eval mode."""
-    grid, size = model.tower.grid_size(), cfg.vision.image_size
-    has_objects = torch.tensor([o is not None for o in data.objects])  # [N]
-    views = [data.objects, [mirror(o, size) if o else None for o in data.objects]]  # as is, mirrored
-    targets = [[dense_targets(o, size, grid, model.groups) for o in objs] for objs in views]
-    labels = torch.stack([torch.stack([t[0] for t in ts]) for ts in targets])  # [2, N, groups, G*G]
-    box = torch.stack([torch.stack([t[1] for t in ts]) for ts in targets])  # [2, N, G*G, 4] (as is, mirrored)
-    on = torch.stack([torch.stack([t[2] for t in ts]) for ts in targets])  # [2, N, G*G]
-    use_dense = cfg.dense_weight > 0 and bool(has_objects.any()) and model.detector is not None
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
-    tower_params = list(model.tower.parameters())
-    clip_parts = [tower_params, [p for p in model.parameters() if all(p is not q for q in tower_params)]]
-    rng = random.Random(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch_size, len(data))
-    order, pos = torch.randperm(len(data), generator=gen), 0
-    step, start, ema_loss, ema_acc, ema_dense = 0, time.perf_counter(), 0.0, 0.0, 0.0
-    model.train()
-    with _progress_bar(progress, cfg.contrastive_weight > 0) as bar:
-        task = bar.add_task("pretrain-vision", total=1.0, step=0, loss=0.0, acc=0.0, dense=0.0)
-        while True:
-            elapsed = time.perf_counter() - start
-            fractions = [
-                step / cfg.steps if cfg.steps else 0.0,
-                elapsed / cfg.max_seconds if cfg.max_seconds else 0.0,
-            ]
-            done = max(fractions)
-            if done >= 1.0:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(done, cfg.warmup_ratio)
-            if pos + batch > len(data):
-                order, pos = torch.randperm(len(data), generator=gen), 0
-            idx = order[pos : pos + batch]
-            pos += batch
-            flip = torch.zeros(len(idx), dtype=torch.bool)
-            if cfg.hflip:
-                flip = (torch.rand(len(idx), generator=gen) < 0.5) & has_objects[idx]
-            pixels = data.pixels[idx]  # [B, 3, S, S]
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-            detach = use_dense and cfg.contrastive_tower == "top"
-            image_emb, patches = model.encode_images(pixels, detach)  # [B, E], [B, G*G, D]
-            loss, acc = torch.zeros(()), torch.zeros(())
-            if cfg.contrastive_weight > 0:
-                loss, acc = _batch_contrastive(
-                    model, sampler, idx.tolist(), flip.tolist(), image_emb, cfg.hard_negatives, rng
-                )
-            total = cfg.contrastive_weight * loss
-            d_loss = torch.zeros(())
-            if use_dense:
-                keep, view = has_objects[idx], flip.long()
-                d_loss = dense_loss(
-                    model,
-                    patches[keep],
-                    labels[view, idx][keep],
-                    box[view, idx][keep],
-                    on[view, idx][keep],
-                )
-                total = total + cfg.dense_weight * d_loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            for part in clip_parts:  # clipped apart: text-side gradients do not shrink the tower's updates
-                torch.nn.utils.clip_grad_norm_(part, 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            kill_point("pretrain_step")
-            w = 0.9 if step > 10 else 0.0
-            ema_loss = w * ema_loss + (1 - w) * loss.item()
-            ema_acc = w * ema_acc + (1 - w) * acc.item()
-            ema_dense = w * ema_dense + (1 - w) * d_loss.item()
-            bar.update(task, completed=min(1.0, done), step=step, loss=ema_loss, acc=ema_acc, dense=ema_dense)
-            if cfg.log_every and step % cfg.log_every == 0:
-                if cfg.contrastive_weight > 0:
-                    log.info(
-                        "step %d (%.0fs): loss %.3f, in-batch acc %.3f, dense %.3f, temp %.1f",
-                        step, elapsed, ema_loss, ema_acc, ema_dense, model.logit_scale.exp().item(),
-                    )  # fmt: skip
-                else:  # dense heads only: no contrastive numbers to show
-                    log.info("step %d (%.0fs): dense loss %.3f", step, elapsed, ema_dense)
-    seconds = time.perf_counter() - start
-    model.eval()
-    return {
-        "steps": step,
-        "seconds": round(seconds, 1),
-        "images_per_second": round(step * batch / max(seconds, 1e-9), 1),
-        "loss": round(ema_loss, 4),
-        "train_retrieval_acc": round(ema_acc, 4),
-        "dense_loss": round(ema_dense, 4),
-        "logit_scale": round(model.logit_scale.exp().item(), 2),
-    }
+    """Train `model` in place on the shared loop, in memory (no checkpoints, nothing saved); returns training
+    metrics. The model is left in eval mode."""
+    with cpu_threads(cfg.threads):
+        return run_objective(VisionPretrain(cfg, data, (model, sampler)), None, progress=progress)
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -810,43 +848,20 @@ def pretrain_vision(
     *,
     data: PairData | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> Path:
-    """Contrastively pretrain a SmallViT on `cfg.data` (or preloaded `data`); returns `out_dir`.
+    """Pretrain a SmallViT on `cfg.data` (or preloaded `data`) into `out_dir`; returns `out_dir`.
 
-    `out_dir/vision.safetensors` loads with `VisionConfig(kind="vit", path=out_dir, ...)` using the dims saved
-    in `out_dir/vision_config.json` (see `load_vision_config`).
+    Checkpoints go to `out_dir/checkpoints/` every `cfg.save_every` steps; `resume` continues from the newest
+    (the result equals an uninterrupted run's). `out_dir/vision.safetensors` loads with
+    `VisionConfig(kind="vit", path=out_dir, ...)` using the dims saved in `out_dir/vision_config.json` (see
+    `load_vision_config`); `out_dir/pretrain_config.yaml`, written last, marks the pretraining finished.
     """
-    if cfg.vision.kind != "vit":
-        raise ValueError(
-            f"pretrain-vision trains the project's own ViT (vision.kind 'vit'), not '{cfg.vision.kind}'"
+    out = Path(out_dir)
+    with cpu_threads(cfg.threads):
+        metrics = run_objective(
+            VisionPretrain(cfg, data), out, resume=resume, progress=progress, name="pretrain-vision"
         )
-    if cfg.contrastive_tower not in ("all", "top"):
-        raise ValueError(f"contrastive_tower must be 'all' or 'top', not '{cfg.contrastive_tower}'")
-    if not cfg.steps and not cfg.max_seconds:
-        raise ValueError("set steps or max_seconds (> 0) to bound the pretraining")
-    with _threads(cfg.threads):
-        if data is None:
-            if not cfg.data:
-                raise ValueError("no data: set `data` (caption JSONL or LLaVA JSON)")
-            t0 = time.perf_counter()
-            data = load_pairs(cfg.data, cfg.vision, cfg.image_root, cfg.max_pairs, list(cfg.label_groups))
-            log.info(
-                "loaded %d image–text pairs from %s in %.1fs", len(data), cfg.data, time.perf_counter() - t0
-            )
-        torch.manual_seed(cfg.seed)
-        model, sampler = build_model(cfg, data)
-        with_objects = sum(o is not None for o in data.objects)
-        log.info(
-            "pretraining ViT (dim %d, depth %d, %d params) + text encoder (%d words) on %d pairs "
-            "(%d with objects)",
-            model.tower.feature_dim, len(model.tower.blocks),
-            sum(p.numel() for p in model.tower.parameters()),
-            len(model.tokenizer), len(data), with_objects,
-        )  # fmt: skip
-        metrics: dict[str, Any] = train_contrastive(cfg, model, sampler, data, progress)
-        metrics["pairs"] = len(data)
-        out = save_pretrained(model, out_dir, metrics)
-        save_yaml(cfg, out / "pretrain_config.yaml")
     log.info("saved pretrained ViT to %s (%s)", out, ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return out
 
@@ -1005,7 +1020,7 @@ def probe(
     perturbed ones (`retrieval_vs_distractors`), and against the caption with two objects' colors swapped
     (`retrieval_color_swap`; chance 0.5).
     """
-    with _threads(threads):
+    with cpu_threads(threads):
         contrastive = load_pretrained(model) if isinstance(model, str | Path) else model
         tower = contrastive.tower if isinstance(contrastive, ContrastiveModel) else contrastive
         train_d = (
@@ -1045,4 +1060,5 @@ __all__ = [
     "render_text",
     "save_pretrained",
     "train_contrastive",
+    "VisionPretrain",
 ]

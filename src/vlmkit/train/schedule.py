@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup then cosine, linear or constant decay."""
+"""Learning-rate schedules: linear warmup then cosine, linear or constant decay; `cosine_floor` (the tower
+pretraining's): warmup by progress from 1% of the lr, then cosine to 0."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import math
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "cosine_floor")
+WARMUP_FLOOR = 0.01  # `cosine_floor`: the first step's share of the lr
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
     """Multiplier of the base lr at optimizer step s (0-based)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+    if schedule == "cosine_floor":
+        return cosine_floor(total_steps, warmup_steps / max(1, total_steps))
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -28,6 +32,23 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
     return factor
 
 
+def cosine_floor(total_steps: int, warmup_ratio: float):
+    """Multiplier at step s: warmup by progress (s / n / warmup_ratio, at least WARMUP_FLOOR), then cosine to 0.
+    Unlike `cosine`, the first step takes 1% of the lr however short the run (in a 3-step run, `cosine` has no
+    warmup step at all and its first step takes the whole lr)."""
+
+    def factor(step: int) -> float:
+        progress = step / max(1, total_steps)
+        if progress < warmup_ratio:
+            return max(progress / warmup_ratio, WARMUP_FLOOR)
+        rest = (progress - warmup_ratio) / max(1e-8, 1 - warmup_ratio)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
+
+    return factor
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    if schedule == "cosine_floor":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_floor(total_steps, warmup_ratio))
     warmup = int(round(warmup_ratio * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, total_steps, warmup))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from vlmkit.config import RecipeConfig, StageConfig, from_dict, load_yaml, save_yaml, to_dict
+from vlmkit.config import RecipeConfig, StageConfig, from_dict, load_yaml, save_yaml
 from vlmkit.faults import kill_point
 from vlmkit.io import atomic_write_json, replace_dir, temp_dir_for
 from vlmkit.log import get_logger
@@ -31,7 +31,7 @@ from vlmkit.models.summary import parts_table
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.models.word_bridges import uses_detector
 from vlmkit.precision import autocast_context
-from vlmkit.progress import progress_bar
+from vlmkit.train import pretrain_vision  # noqa: F401  (registers the `vision_pretrain` objective)
 from vlmkit.train.checkpoint import (
     complete_checkpoints,
     find_resume_checkpoint,
@@ -42,8 +42,16 @@ from vlmkit.train.checkpoint import (
 )
 from vlmkit.train.data import StageData, prepare_data
 from vlmkit.train.hooks import GENERATION_HOOKS, GenerationHook
+from vlmkit.train.loop import run_loop
 from vlmkit.train.metrics import MetricsLog, plot_run, read_metrics
-from vlmkit.train.pretrain_vision import PretrainVisionConfig, pretrain_vision
+from vlmkit.train.objectives import (
+    CHECKPOINTS,
+    DONE_FILE,
+    OBJECTIVES,
+    ObjectiveConfig,
+    cpu_threads,
+    run_objective,
+)
 from vlmkit.train.schedule import build_scheduler
 from vlmkit.train.stages import apply_stage, check_requirements, merge_lora, param_groups
 from vlmkit.train.step import StepSpeedup, build_optimizer, speed_up, train_step
@@ -51,6 +59,7 @@ from vlmkit.train.strategies import build_strategy
 
 log = get_logger(__name__)
 
+PRETRAIN_DIR = "vision-pretrain"  # the tower's pretraining: its saved tower, head and checkpoints
 STAGE_DONE = "done.json"  # stages/I-NAME/done.json: the global step at the stage's end (with its model/)
 
 
@@ -164,8 +173,9 @@ class Trainer:
         start of the first stage without a saved model. metrics.jsonl is cut back to that point."""
         self.out.mkdir(parents=True, exist_ok=True)
         ends = self._finished_stages()
+        pretrain_ckpts = complete_checkpoints(self.out / PRETRAIN_DIR / CHECKPOINTS)
         if not self.resume and (
-            ends or complete_checkpoints(self.ckpt_root) or (self.out / "model").exists()
+            ends or complete_checkpoints(self.ckpt_root) or pretrain_ckpts or (self.out / "model").exists()
         ):
             raise RunDirError(
                 f"{self.out} already holds a training run; pass --resume to continue it "
@@ -264,27 +274,33 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- model
     def _pretrain_vision(self) -> None:
-        """Contrastive tower pretraining (once per run directory); the stages then start from its weights."""
+        """The tower's pretraining objective (once per run directory; checkpoints in vision-pretrain/checkpoints,
+        resumed exactly with --resume); the stages then start from its weights. The Trainer loads no LLM for it."""
         if self._pretrain_cfg is None:
             return
 
-        out = self.out / "vision-pretrain"
+        out = self.out / PRETRAIN_DIR
         if self.strategy.is_main:
             cfg = self._pretrain_cfg
             if cfg.data is None:
                 data = prepare_data(self.recipe.data, self.out)
                 cfg = dataclasses.replace(cfg, data=data.train, image_root=cfg.image_root or data.image_root)
-            # pretrain_config.yaml is written last: without it a kill cut the pretraining, which is redone
-            saved = out / "pretrain_config.yaml"
+            # pretrain_config.yaml is written last: without it a kill cut the pretraining (--resume continues it)
+            saved = out / DONE_FILE
             done = (out / "vision.safetensors").is_file() and saved.is_file()
-            if done and load_yaml(saved) != to_dict(cfg):
+            if done and not _same_config(saved, cfg):
                 # a resumed run keeps the tower its checkpoints were trained with
                 action = "--resume keeps it" if self.resume else "pretraining again"
                 log.warning("%s was pretrained with other settings than the recipe's: %s", out, action)
                 done = self.resume
-            if not done:
-                log.info("pretraining the vision tower (%s) into %s", cfg.vision.kind, out)
-                pretrain_vision(cfg, out)
+            if done:
+                shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # a kill just before their removal
+            else:
+                log.info("pretraining the vision tower (%s: %s) into %s", cfg.objective, cfg.vision.kind, out)
+                with cpu_threads(cfg.threads):
+                    objective = OBJECTIVES.get(cfg.objective)(cfg)
+                    run_objective(objective, out, resume=self.resume, progress=True, name="pretrain-vision")
+                del objective
                 release_free_memory()  # the pretraining's data and activations, before the LLM's stages
         self.strategy.barrier()
         self.recipe.model.vision.path = str(out)
@@ -354,113 +370,93 @@ class Trainer:
             data.num_samples,
         )
         autocast = autocast_context(cfg.precision)
-        bar = progress_bar(
-            "loss {task.fields[loss]:.4f}",
-            "lr {task.fields[lr]:.2e}",
-            "{task.fields[tps]:.0f} tok/s",
-            enabled=self.strategy.is_main,
-        )
-        task = bar.add_task(
-            stage.name, total=total, completed=progress.stage_step, loss=float("nan"), lr=0.0, tps=0.0
-        )
         window_start, window_tokens = time.perf_counter(), 0
-        first_step = progress.stage_step
 
         def next_batch() -> dict[str, Any]:
             batch, progress.epoch, progress.batch_pos = data.next_batch(progress.epoch, progress.batch_pos)
             return batch
 
+        def one_step() -> dict[str, float]:
+            nonlocal window_tokens, loud_warned
+            model.train()
+            model.visual_rms = None  # set by the step's forward passes when they saw images
+            step = train_step(
+                wrapped,
+                model,
+                next_batch,
+                optimizer,
+                scheduler,
+                self.strategy,
+                autocast,
+                stage.grad_accum,
+                stage.max_grad_norm,
+            )
+            heap.step_done()
+            progress.stage_step += 1
+            progress.global_step += 1
+            loss = self.strategy.mean(step.loss)
+            window_tokens += step.tokens
+            elapsed = time.perf_counter() - window_start
+            lr = optimizer.param_groups[0]["lr"]
+            record = {
+                "step": progress.global_step,
+                "stage": stage.name,
+                "stage_step": progress.stage_step,
+                "epoch": progress.epoch,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(step.grad_norm),
+                "tokens": step.tokens,
+                "samples": step.samples,
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+            }
+            if model.visual_rms is not None:  # the step's visual tokens against the word embeddings
+                record["visual_rms_ratio"] = float(model.visual_rms) / max(embed_rms, 1e-12)
+                if record["visual_rms_ratio"] > LOUD_VISUAL_TOKENS and not loud_warned:
+                    loud_warned = True
+                    log.warning(
+                        "stage '%s': visual tokens are %.0fx as large (RMS) as the LLM's word embeddings; "
+                        "a pre-norm LLM carries such tokens through its layers almost unchanged "
+                        "(see val_visual_cos in metrics.jsonl). bridge.out_norm or a word bridge "
+                        "(vocab_mixture, object_slots) keeps them at the word scale",
+                        stage.name,
+                        record["visual_rms_ratio"],
+                    )
+            if self.metrics and (progress.stage_step % cfg.log_every == 0 or progress.stage_step == total):
+                self.metrics.write(record)
+            return {"loss": loss, "lr": lr, "tps": record["tokens_per_s"]}
+
+        def validate(done: int, numbers: dict[str, float]) -> None:
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+                self._validate(wrapped, data, stage, progress, autocast, speedup)
+                heap.restart()  # what validation and generation left in the heap
+
+        def checkpoint(done: int) -> None:
+            self._checkpoint(model, optimizer, scheduler, index, progress)
+            heap.restart()
+
         release_free_memory()  # what loading and data preparation left in the C heap
         heap = HeapReleaser()  # later: only when the heap grew past the steps' working set
-        with bar:
-            while progress.stage_step < total:
-                model.train()
-                model.visual_rms = None  # set by the step's forward passes when they saw images
-                step = train_step(
-                    wrapped,
-                    model,
-                    next_batch,
-                    optimizer,
-                    scheduler,
-                    self.strategy,
-                    autocast,
-                    stage.grad_accum,
-                    stage.max_grad_norm,
-                )
-                heap.step_done()
-                grad_norm, tokens, samples = step.grad_norm, step.tokens, step.samples
-                progress.stage_step += 1
-                progress.global_step += 1
-                loss = self.strategy.mean(step.loss)
-                window_tokens += tokens
-                elapsed = time.perf_counter() - window_start
-                lr = optimizer.param_groups[0]["lr"]
-                record = {
-                    "step": progress.global_step,
-                    "stage": stage.name,
-                    "stage_step": progress.stage_step,
-                    "epoch": progress.epoch,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens": tokens,
-                    "samples": samples,
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                }
-                if model.visual_rms is not None:  # the step's visual tokens against the word embeddings
-                    record["visual_rms_ratio"] = float(model.visual_rms) / max(embed_rms, 1e-12)
-                    if record["visual_rms_ratio"] > LOUD_VISUAL_TOKENS and not loud_warned:
-                        loud_warned = True
-                        log.warning(
-                            "stage '%s': visual tokens are %.0fx as large (RMS) as the LLM's word embeddings; "
-                            "a pre-norm LLM carries such tokens through its layers almost unchanged "
-                            "(see val_visual_cos in metrics.jsonl). bridge.out_norm or a word bridge "
-                            "(vocab_mixture, object_slots) keeps them at the word scale",
-                            stage.name,
-                            record["visual_rms_ratio"],
-                        )
-                if self.metrics and (
-                    progress.stage_step % cfg.log_every == 0 or progress.stage_step == total
-                ):
-                    self.metrics.write(record)
-                bar.update(task, advance=1, loss=loss, lr=lr, tps=record["tokens_per_s"])
-                if (
-                    not bar.console.is_terminal
-                    and self.strategy.is_main
-                    and (progress.stage_step % max(1, total // 20) == 0 or progress.stage_step == total)
-                ):  # no live bar (CI, nohup): a log line every 5% instead
-                    done = progress.stage_step - first_step
-                    eta = elapsed / max(done, 1) * (total - progress.stage_step)
-                    log.info(
-                        "%s step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0f s",
-                        stage.name,
-                        progress.stage_step,
-                        total,
-                        loss,
-                        lr,
-                        record["tokens_per_s"],
-                        eta,
-                    )
-                if (
-                    cfg.eval_every
-                    and progress.stage_step % cfg.eval_every == 0
-                    and progress.stage_step < total
-                ):
-                    self._validate(wrapped, data, stage, progress, autocast, speedup)
-                    heap.restart()  # what validation and generation left in the heap
-                if (
-                    cfg.save_every
-                    and progress.stage_step % cfg.save_every == 0
-                    and progress.stage_step < total
-                ):
-                    self._checkpoint(model, optimizer, scheduler, index, progress)
-                    heap.restart()
-                kill_point("step_done")
+        run_loop(
+            stage.name,
+            total,
+            progress.stage_step,
+            one_step,
+            fields=(
+                "loss {task.fields[loss]:.4f}",
+                "lr {task.fields[lr]:.2e}",
+                "{task.fields[tps]:.0f} tok/s",
+            ),
+            enabled=self.strategy.is_main,
+            after_step=validate,
+            checkpoint=checkpoint,
+            save_every=cfg.save_every,
+        )
         data.close()  # the data-loader workers
         heap.restart()  # the steps' heap back to the OS before the final validation's generation
         self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
-        del wrapped, optimizer
+        wrapped = optimizer = None  # released as before (the step closures refer to these names)
         release_free_memory()  # the steps' heap, before the frozen weights' originals come back
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         speedup.undo()  # frozen weights back to their own values and dtype, plain layers
@@ -606,23 +602,38 @@ def _use_pretrained_detector(recipe: RecipeConfig, out: Path, model: VisionLangu
 
 
 def _pretrain_config(recipe: RecipeConfig) -> Any:
-    """The recipe's `pretrain_vision` section as a validated PretrainVisionConfig on the recipe's tower."""
+    """The recipe's `pretrain_vision` section as its objective's validated config (`objective`, default
+    `vision_pretrain`: a PretrainVisionConfig) on the recipe's tower."""
     if recipe.pretrain_vision is None:
         return None
 
-    if recipe.model.vision.kind != "vit":
+    section = dict(recipe.pretrain_vision)
+    kind = ObjectiveConfig.kind_class(str(section.get("objective", ObjectiveConfig.objective)))
+    fields = {f.name for f in dataclasses.fields(kind)}
+    if "vision" in fields and recipe.model.vision.kind != "vit":
         raise ValueError(
             f"pretrain_vision trains the project's `vit` tower, not '{recipe.model.vision.kind}'"
         )
-    section = dict(recipe.pretrain_vision)
     detector = getattr(recipe.model.bridge, "detector", None)  # word bridges' detection head
     if (
-        detector is not None and detector.groups and "label_groups" not in section
+        "label_groups" in fields
+        and detector is not None
+        and detector.groups
+        and "label_groups" not in section
     ):  # the head the bridge expects is the one trained
         section["label_groups"] = {k: list(v) for k, v in detector.groups.items()}
-    cfg = from_dict(PretrainVisionConfig, section, "pretrain_vision")
-    vision = dataclasses.replace(recipe.model.vision, path=None)
-    return dataclasses.replace(cfg, vision=vision)
+    cfg = from_dict(ObjectiveConfig, section, "pretrain_vision")
+    if "vision" in fields:
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(recipe.model.vision, path=None))
+    return cfg
+
+
+def _same_config(saved: Path, cfg: Any) -> bool:
+    """Whether the config file `saved` (an earlier run's, perhaps with fewer keys) describes `cfg`."""
+    try:
+        return from_dict(type(cfg), load_yaml(saved)) == cfg
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _remove_leftovers(run_dir: Path) -> None:

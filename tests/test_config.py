@@ -103,3 +103,24 @@ def test_lora_quantize_values_are_checked_at_load():
     )
     with pytest.raises(ConfigError, match="quantize"):
         LoRAConfig(quantize="8bit")  # built in code, too
+
+
+def test_save_yaml_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """config.yaml / pretrain_config.yaml (a finished pretraining's marker) are never left half-written: a
+    failure while writing keeps the previous file and leaves no temporary file behind."""
+    import yaml
+
+    from vlmkit.confio import save_yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml({"a": 1}, path)
+
+    def broken_dump(data, stream, **kwargs):
+        stream.write("a: ")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(yaml, "safe_dump", broken_dump)
+    with pytest.raises(OSError, match="disk full"):
+        save_yaml({"a": 2}, path)
+    assert yaml.safe_load(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

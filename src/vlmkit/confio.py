@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
+
+from vlmkit.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -218,5 +221,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+    """Write `obj` as YAML, atomically: a crash mid-write leaves the previous file (or none), never half of one
+    (config.yaml; pretrain_config.yaml marks a finished pretraining)."""
+    buf = io.StringIO()
+    yaml.safe_dump(to_dict(obj), buf, sort_keys=False)
+    atomic_write_text(path, buf.getvalue())

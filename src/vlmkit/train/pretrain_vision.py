@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import time
@@ -24,12 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vlmkit.config import VisionConfig, drop_unknown_keys, from_dict, save_yaml, to_dict
 from vlmkit.data.formats import SampleError, parse_record, read_records
 from vlmkit.data.images import ImageError, load_image, to_tensor
 from vlmkit.faults import kill_point
+from vlmkit.io import atomic_write_bytes, atomic_write_text
 from vlmkit.log import get_logger
 from vlmkit.models.detection import DetectionHead
 from vlmkit.models.vision import VIT_WEIGHTS, SmallViT
@@ -769,17 +771,7 @@ def train_contrastive(
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def save_pretrained(
@@ -795,7 +787,7 @@ def save_pretrained(
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith("tower.")}
     _save_safetensors(rest, out / TEXT_WEIGHTS)
     vision = replace(model.tower.cfg, path=str(out.resolve()))
-    _write_text(out / VISION_CONFIG_FILE, json.dumps(to_dict(vision), indent=1))
+    atomic_write_text(out / VISION_CONFIG_FILE, json.dumps(to_dict(vision), indent=1))
     save_yaml(vision, out / "vision_config.yaml")
     meta = {
         "vocab": model.tokenizer.vocab,
@@ -803,11 +795,11 @@ def save_pretrained(
         "embed_dim": model.image_proj.out_features,
         "label_groups": model.groups,
     }
-    _write_text(out / META_FILE, json.dumps(meta))
+    atomic_write_text(out / META_FILE, json.dumps(meta))
     if model.detector is not None:
         model.detector.save(out)
     if metrics is not None:
-        _write_text(out / METRICS_FILE, json.dumps(metrics, indent=1))
+        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=1))
     return out
 
 
@@ -820,8 +812,6 @@ def load_vision_config(out_dir: str | Path) -> VisionConfig:
 
 def load_pretrained(out_dir: str | Path) -> ContrastiveModel:
     """The whole contrastive model (tower, text encoder, heads) saved by `pretrain_vision`, in eval mode."""
-    from safetensors.torch import load_file
-
     out = Path(out_dir)
     meta = json.loads((out / META_FILE).read_text())
     model = ContrastiveModel(

@@ -12,11 +12,11 @@ WARMUP_FLOOR = 0.01  # `cosine_floor`: the first step's share of the lr
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int):
-    """Multiplier of the base lr at optimizer step s (0-based)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
-    if schedule == "cosine_floor":
-        return cosine_floor(total_steps, warmup_steps / max(1, total_steps))
+    """Multiplier of the base lr at optimizer step s (0-based), for the schedules warmed up over whole steps
+    (`cosine_floor` warms up by progress: `build_scheduler` builds it from its ratio)."""
+    if schedule not in SCHEDULES or schedule == "cosine_floor":
+        known = ", ".join(s for s in SCHEDULES if s != "cosine_floor")
+        raise ValueError(f"unknown schedule '{schedule}' for whole warmup steps; known: {known}")
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -48,7 +48,10 @@ def cosine_floor(total_steps: int, warmup_ratio: float):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
     if schedule == "cosine_floor":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_floor(total_steps, warmup_ratio))
-    warmup = int(round(warmup_ratio * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, total_steps, warmup))
+        factor = cosine_floor(total_steps, warmup_ratio)
+    else:
+        factor = lr_lambda(schedule, total_steps, int(round(warmup_ratio * total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

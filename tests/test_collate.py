@@ -292,6 +292,10 @@ def test_stage_task_weights_set_the_mixture_of_the_training_data(tmp_path):
     assert before["counting"] > 0 and after["counting"] == 3 * before["counting"]
     assert after["caption"] == 0 and after["pope"] == before["pope"]
     assert mixed.num_samples == sum(after.values())
+    assert mixed.train.report.to_dict() == plain.train.report.to_dict()  # each record encoded, counted once
+    first = next(e for e in mixed.train.encoded if e.meta.get("task") == "counting")
+    copies = [e for e in mixed.train.encoded if e.id == first.id]
+    assert len(copies) == 3 and all(e is first for e in copies)  # one encoded sample, not encoded again
     assert mixed.val is not None and len(mixed.val) == len(plain.val)  # validation keeps the plain mix
     recipe.data.merge_turns = True
     with pytest.raises(ValueError, match="merge_turns"):

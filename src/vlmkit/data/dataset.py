@@ -272,8 +272,9 @@ class VLMDataset(torch.utils.data.Dataset):
 
         Raises `DataQualityError` when more than `cfg.max_bad` of the samples were rejected (unless
         `enforce_max_bad` is False); the rejections are logged first, one line per reason. `tasks` keeps only
-        records whose `task` field is listed; `task_weights` then repeats records by task (`weight_tasks`);
-        `merge_turns` joins the records of one image into one multi-turn conversation (`merge_image_turns`).
+        records whose `task` field is listed; `merge_turns` then joins the records of one image into one
+        multi-turn conversation (`merge_image_turns`); `task_weights` repeats the encoded samples by task
+        (`weight_tasks`).
         """
         report = DataReport(source=str(path))
         if is_sharded(str(path)):  # read whole: for validation splits (training streams them, see loader.py)
@@ -284,11 +285,6 @@ class VLMDataset(torch.utils.data.Dataset):
         samples = read(cfg.format, report=report, caption_instructions=cfg.caption_instructions)
         if tasks:  # keep only these task types (records' `task` field, e.g. ShapesWorld's); not a rejection
             samples = select_tasks(samples, tasks, path)
-        if task_weights:
-            before = Counter(str(smp.meta.get("task")) for smp in samples)
-            samples = weight_tasks(samples, task_weights, path)
-            after = Counter(str(smp.meta.get("task")) for smp in samples)
-            log.info("%s: task mixture %s", path, ", ".join(f"{t} {before[t]} -> {after[t]}" for t in before))
         if merge_turns:
             before = len(samples)
             samples = merge_image_turns(samples)
@@ -305,6 +301,8 @@ class VLMDataset(torch.utils.data.Dataset):
         )
         if enforce_max_bad:
             report.check(cfg.max_bad)
+        if task_weights:  # after encoding: each record is encoded and counted in the report once
+            dataset.encoded = weight_tasks(dataset.encoded, task_weights, path)
         return dataset
 
     def __len__(self) -> int:

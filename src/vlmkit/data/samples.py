@@ -9,10 +9,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from vlmkit.constants import IMAGE_MARKER
 from vlmkit.data.records import DataError
+from vlmkit.log import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -83,14 +86,24 @@ def select_tasks(samples: Sequence[Sample], tasks: Sequence[str], source: str | 
     return kept
 
 
+class Tagged(Protocol):
+    """A sample before (`Sample`) or after (`EncodedSample`) encoding: an id and its record's other keys."""
+
+    id: str
+    meta: dict[str, Any]
+
+
+TaggedT = TypeVar("TaggedT", bound=Tagged)
+
+
 def weight_tasks(
-    samples: Sequence[Sample], weights: dict[str, float], source: str | Path = "", seed: int = 0
-) -> list[Sample]:
+    samples: Sequence[TaggedT], weights: dict[str, float], source: str | Path = "", seed: int = 0
+) -> list[TaggedT]:
     """A stage's task mixture (`task_weights`): each sample whose record's `task` has weight w appears
     floor(w) times, plus once more for a share frac(w) of them (chosen by a hash of the sample id and `seed`,
     so the same samples every run); unlisted tasks keep weight 1, weight 0 drops a task. The batch order then
     shuffles the copies like any sample, so a task of weight 2 makes twice its share of the batches (the
-    mixture ratios of LLaVA-style instruction data).
+    mixture ratios of LLaVA-style instruction data). Copies are the same objects (encoded once).
 
     A weighted task that no sample carries raises `DataError` (a typo would otherwise change nothing)."""
     bad = {t: w for t, w in weights.items() if not w >= 0}
@@ -101,7 +114,7 @@ def weight_tasks(
     if missing:
         held = ", ".join(f"{n} '{t}'" for t, n in found.most_common(10))
         raise DataError(f"{source}: task_weights name tasks no record carries: {missing} (found: {held})")
-    out: list[Sample] = []
+    out: list[TaggedT] = []
     for smp in samples:
         w = weights.get(str(smp.meta.get("task")), 1.0)
         copies = int(w)
@@ -111,6 +124,8 @@ def weight_tasks(
         out.extend([smp] * copies)
     if not out:
         raise DataError(f"{source}: task_weights {weights} leave no sample")
+    after = Counter(str(smp.meta.get("task")) for smp in out)
+    log.info("%s: task mixture %s", source, ", ".join(f"{t} {n} -> {after[t]}" for t, n in found.items()))
     return out
 
 

@@ -212,6 +212,59 @@ def test_pope_balanced_and_negatives_correct(dataset: dict[str, list[dict]]) -> 
             assert freq[pair] >= freq[absent[2]]  # among the 3 most frequent absent pairs
 
 
+def _binds(pair: tuple[str, str], present: set[tuple[str, str]]) -> bool:
+    """A binding negative: the colour and the shape are both in the scene, on different objects."""
+    return (
+        pair not in present
+        and any(c == pair[0] for c, _ in present)
+        and any(s == pair[1] for _, s in present)
+    )
+
+
+def test_train_pope_binding_makes_training_negatives_hard_and_leaves_val_and_test_alone(
+    tmp_path: Path,
+) -> None:
+    splits = {"train": 300, "val": 30, "test": 60}
+    plain = generate_shapesworld(tmp_path / "a", 0, seed=5, tasks=["pope"], splits=splits)
+    hard = generate_shapesworld(
+        tmp_path / "b", 0, seed=5, tasks=["pope"], splits=splits, train_pope_binding=1.0
+    )
+    for split in ("val", "test"):  # what is scored stays POPE's three standard splits, byte for byte
+        assert plain[split].read_bytes() == hard[split].read_bytes()
+
+    def binding(path: Path) -> tuple[int, int]:
+        """(binding negatives, negatives whose scene allows one)"""
+        records = [r for r in _load(path) if r["answer"] == "no"]
+        found = possible = 0
+        for r in records:
+            present = {(o["color"], o["shape"]) for o in _objects(r)}
+            q = r["meta"]["pope_object"]
+            found += _binds((q["color"], q["shape"]), present)
+            possible += any(_binds((c, s), present) for c in COLORS for s in SHAPES)
+        return found, possible
+
+    found, possible = binding(hard["train"])
+    assert found == possible > 20  # every negative that can be a binding negative is one
+    assert binding(plain["train"])[0] < possible / 2
+    records = _load(hard["train"])
+    assert Counter(r["answer"] for r in records)["yes"] == Counter(r["answer"] for r in records)["no"]
+    for r in records:  # still right answers
+        q = r["meta"]["pope_object"]
+        present = {(o["color"], o["shape"]) for o in _objects(r)}
+        assert r["answer"] == ("yes" if (q["color"], q["shape"]) in present else "no")
+    half = generate_shapesworld(
+        tmp_path / "c", 0, seed=5, tasks=["pope"], splits=splits, train_pope_binding=0.5
+    )
+    assert 0.3 * possible < binding(half["train"])[0] < 0.8 * possible
+    cli = tmp_path / "cli"
+    assert (
+        main(["data", "synth", str(cli), "--seed", "5", "--tasks", "pope", "--train-pope-binding", "1"]) == 0
+    )
+    assert json.loads((cli / "shapesworld_info.json").read_text())["train_pope_binding"] == 1.0
+    with pytest.raises(ValueError, match="train_pope_binding"):
+        generate_shapesworld(tmp_path / "d", 2, seed=0, train_pope_binding=1.5)
+
+
 def test_grounding_and_region_use_grounding_module(dataset: dict[str, list[dict]]) -> None:
     for r in (r for r in dataset["train"] if r["task"] in ("grounding", "region")):
         t, w, h = r["meta"]["target"], r["meta"]["width"], r["meta"]["height"]

@@ -147,6 +147,23 @@ def test_object_slots_numbered_and_separated(llm):
     assert torch.allclose(first[7], comma) and first.shape[0] == 2 * (1 + 2 + 8 + 1)
 
 
+def test_object_slots_start_with_the_count_of_objects_found(llm):
+    bridge = _slots(llm, num=3, count=True)
+    tokens = bridge(torch.zeros(1, 16, 8))[0]  # [count + 3 slots x (2 + 8), D]
+    assert tokens.shape == (31, llm.hidden_size) and bridge.num_tokens(16) == 31
+    word = {w: _word(llm, w) for w in ["0", "2", "blue", "square", "."]}
+    # two objects found: the count word "2", then the slots exactly as without the count
+    assert torch.allclose(tokens[0], word["2"])
+    plain = _slots(llm, num=3)(torch.zeros(1, 16, 8))[0]
+    assert torch.equal(tokens[1:], plain)
+    # nothing found: "0", then filler only
+    bridge.head.forward = lambda features: Detections(
+        [torch.eye(3)[torch.zeros(16, dtype=torch.long)][None]] * 2, torch.full((1, 16, 4), 0.5)
+    )
+    empty = bridge(torch.zeros(1, 16, 8))[0]
+    assert torch.allclose(empty[0], word["0"]) and all(torch.allclose(t, word["."]) for t in empty[1:])
+
+
 def test_object_slot_gradients_reach_the_detected_patches_only(llm):
     torch.manual_seed(0)
     cfg = ObjectSlotsConfig(

@@ -67,6 +67,13 @@ def _register_synth(sub: argparse._SubParsersAction) -> None:
         help="tasks (counting,pope,spatial) whose answers first list the objects, then answer",
     )
     p.add_argument(
+        "--train-pope-binding",
+        type=float,
+        default=0.0,
+        help="share (0..1) of the train split's POPE negatives drawn as binding negatives (colour and shape "
+        "both in the scene, on different objects); val/test unchanged",
+    )
+    p.add_argument(
         "--grounding-format",
         default="qwen",
         choices=("qwen", "kosmos", "shikra", "pixel"),
@@ -89,6 +96,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         grounding_format=args.grounding_format,
         splits=args.splits,
         describe_first=args.describe_first,
+        train_pope_binding=args.train_pope_binding,
     )
     for split, path in paths.items():
         records = json.loads(path.read_text())

@@ -65,7 +65,9 @@ class SlotsConfig:
     (1, 2, ... as digit tokens, as Set-of-Mark prompting numbers regions); an empty slot starts with
     `empty_word` instead. `separator`: a word (e.g. ",") closing every found object's slot (after its box in
     the `object` layout, after its words in `labels_first`; an empty slot ends with `empty_word`), "" for none.
-    Empty slots are all `empty_word`, so the numbers and separators count the objects found."""
+    Empty slots are all `empty_word`, so the numbers and separators count the objects found. `count`: the
+    slots are preceded by one token, the number of objects found (0 .. `num`) as a word, the detector's own
+    count stated once rather than left to be counted from the slots."""
 
     num: int = 4
     location: str = "digits"
@@ -75,6 +77,7 @@ class SlotsConfig:
     empty_word: str = "."
     index: bool = False
     separator: str = ""
+    count: bool = False
 
 
 @dataclass
@@ -220,8 +223,9 @@ class ObjectSlotsBridge(Bridge):
     objectness-weighted mixture of the LLM's embeddings of the group's words, then (`slots.location: digits`)
     its box x1 y1 x2 y2 times `slots.location_scale`, rounded, as fixed-width digit-word embeddings. Unused
     slots are `slots.empty_word` embeddings. With `slots.index` each found object's slot starts with its number,
-    with `slots.separator` each found object's slot ends with that word. M = num x (index + groups + 4 x digits per coordinate
-    + separator) for any N.
+    with `slots.separator` each found object's slot ends with that word, with `slots.count` the slots are preceded by
+    the number of objects found. M = count + num x (index + groups + 4 x digits per coordinate + separator) for
+    any N.
     The label mixtures are differentiable in the head's outputs; which patches form an object and the box
     digits are discrete.
     """
@@ -251,9 +255,10 @@ class ObjectSlotsBridge(Bridge):
         self.separator = (
             WordTable([slots.separator], llm_dim, leading_space=False) if slots.separator else None
         )
+        self.counts = WordTable([str(k) for k in range(slots.num + 1)], llm_dim) if slots.count else None
 
     def bind_llm(self, llm: Any) -> None:
-        for table in [*self.tables, self.filler, self.digits, self.numbers, self.separator]:
+        for table in [*self.tables, self.filler, self.digits, self.numbers, self.separator, self.counts]:
             if table is not None:
                 table.bind_llm(llm)
 
@@ -268,7 +273,8 @@ class ObjectSlotsBridge(Bridge):
 
     def num_tokens(self, n: int) -> int:
         closing = int(bool(self.cfg.slots.separator))
-        return self.cfg.slots.num * (self.labels_per_slot + self.locations_per_slot + closing)
+        per_slot = self.labels_per_slot + self.locations_per_slot + closing
+        return int(self.cfg.slots.count) + self.cfg.slots.num * per_slot
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         det = self.head(features)
@@ -305,6 +311,8 @@ class ObjectSlotsBridge(Bridge):
                 parts = [t for pair in zip(labels, locations) for t in pair]
             else:
                 parts = [*labels, *locations]
+            if self.counts is not None:  # the number of objects found, before the slots
+                parts.insert(0, self.counts.weight[len(objects)][None])
             images.append(torch.cat(parts))  # [M, Dl]
         return torch.stack(images)  # [B, M, Dl]
 

@@ -15,7 +15,9 @@ from vlmkit.shapesworld.world import ALL_TASKS, generate_shapesworld
 class ShapesWorldConfig(GeneratedDataConfig):
     """ShapesWorld scenes (`image_size` px, 1..`max_objects` objects) and their task records (`tasks`, empty:
     all); boxes written in `grounding_format`; `describe_first`: tasks (counting, pope, spatial) whose training
-    answers first list the objects, then answer ("I see a red circle and a blue square, so 2.")."""
+    answers first list the objects, then answer ("I see a red circle and a blue square, so 2.");
+    `train_pope_binding`: the share of the train split's POPE negatives that are binding negatives (colour and
+    shape both in the scene, on different objects) where the scene allows one; val and test are unchanged."""
 
     n_train: int = 200
     n_val: int = 50
@@ -27,6 +29,7 @@ class ShapesWorldConfig(GeneratedDataConfig):
     tasks: list[str] = field(default_factory=list)
     grounding_format: str = "qwen"
     describe_first: list[str] = field(default_factory=list)
+    train_pope_binding: float = 0.0
 
 
 @DATA_GENERATORS.register("shapesworld", config=ShapesWorldConfig)
@@ -42,5 +45,6 @@ def generate(cfg: ShapesWorldConfig, out_dir: Path) -> dict[str, Path]:
         noise=cfg.noise,
         grounding_format=cfg.grounding_format,
         describe_first=cfg.describe_first,
+        train_pope_binding=cfg.train_pope_binding,
         splits={"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test},
     )

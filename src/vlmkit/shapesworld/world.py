@@ -270,6 +270,7 @@ class _Ctx:
     index: int
     pair_counts: Counter
     grounding_format: str
+    pope_binding: float = 0.0
 
 
 _QA = tuple[str, str, dict[str, Any]]  # question, answer, task-specific meta
@@ -385,6 +386,10 @@ def _task_pope(scene: Scene, rng: np.random.Generator, ctx: _Ctx) -> _QA:
         elif pope_split == "adversarial":
             shares = [p for p in absent if any(p[0] == c or p[1] == s for c, s in present)]
             pool = shares or absent
+        if ctx.pope_binding > 0 and rng.random() < ctx.pope_binding:
+            # a binding negative: its colour and its shape are both in the scene, on different objects
+            colors, shapes = {c for c, _ in present}, {s for _, s in present}
+            pool = [p for p in absent if p[0] in colors and p[1] in shapes] or pool
         color, shape = pool[int(rng.integers(0, len(pool)))]
     q = f"Is there {_article(color + ' ' + shape)} in the image?"
     meta = {"pope_split": pope_split, "pope_object": {"color": color, "shape": shape}}
@@ -447,12 +452,15 @@ def make_records(
     pair_counts: Counter | None = None,
     grounding_format: str = "qwen",
     describe_first: Sequence[str] = (),
+    pope_binding: float = 0.0,
 ) -> list[dict[str, Any]]:
     """LLaVA-format records (one per task, unless a task has no unambiguous question) for one scene.
 
     For tasks in `describe_first` a yes/no or number answer first lists the objects, then answers
-    (`described_answer`); the record's `answer` stays the short gold answer that metrics compare with."""
-    ctx = _Ctx(index, pair_counts if pair_counts is not None else Counter(), grounding_format)
+    (`described_answer`); the record's `answer` stays the short gold answer that metrics compare with.
+    `pope_binding`: the share of POPE negatives that are binding negatives where the scene has one (a colour
+    and a shape both in the scene, on different objects)."""
+    ctx = _Ctx(index, pair_counts if pair_counts is not None else Counter(), grounding_format, pope_binding)
     records = []
     base_meta = scene.to_meta()
     for task in tasks:
@@ -508,18 +516,24 @@ def generate_shapesworld(
     grounding_format: str = "qwen",
     splits: dict[str, int] | None = None,
     describe_first: Sequence[str] = (),
+    train_pope_binding: float = 0.0,
 ) -> dict[str, Path]:
     """Write PNGs under `out_dir/images/` and one LLaVA JSON per split; returns {split: json path}.
 
     `splits` maps split names to scene counts (default: all `n_scenes` in "train"). The same
     arguments always give byte-identical files. No scene appears in two splits. `describe_first`: tasks
-    whose answers first list the objects (see `make_records`).
+    whose answers first list the objects (see `make_records`). `train_pope_binding` (0..1): the share of the
+    train split's POPE negatives drawn as binding negatives where the scene allows one ("a red square" when a
+    red circle and a blue square are in the scene): hard negatives for training a model to bind colour and
+    shape; val and test keep POPE's random / popular / adversarial negatives (byte-identical to 0).
     """
     unknown = [t for t in tasks if t not in _TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known: {list(_TASKS)}")
     if not tasks:
         raise ValueError("tasks must not be empty")
+    if not 0.0 <= train_pope_binding <= 1.0:
+        raise ValueError(f"train_pope_binding must be within 0..1, got {train_pope_binding}")
     odd = [t for t in describe_first if t not in DESCRIBABLE_TASKS]
     if odd:
         raise ValueError(
@@ -557,8 +571,9 @@ def generate_shapesworld(
             scene_id = f"{split}-{i:06d}"
             image = f"images/{scene_id}.png"
             render(scene).save(out / image, format="PNG")
+            binding = train_pope_binding if split == DEFAULT_SPLIT else 0.0
             records += make_records(
-                scene, image, scene_id, rng, tasks, i, pair_counts, grounding_format, describe_first
+                scene, image, scene_id, rng, tasks, i, pair_counts, grounding_format, describe_first, binding
             )
         path = out / f"{split}.json"
         _write_atomic(path, json.dumps(records, indent=1).encode())
@@ -573,6 +588,7 @@ def generate_shapesworld(
         "noise": noise,
         "grounding_format": grounding_format,
         "describe_first": list(describe_first),
+        "train_pope_binding": train_pope_binding,
         "splits": {s: {"scenes": splits[s], "records": counts[s], "file": paths[s].name} for s in splits},
         "colors": {k: list(v) for k, v in COLORS.items()},
         "shapes": list(SHAPES),

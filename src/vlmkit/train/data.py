@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from vlmkit.config import DataConfig, RecipeConfig, StageConfig
+from vlmkit.confio import to_dict
 from vlmkit.data.collate import Batch, Collator, PackingCollator
 from vlmkit.data.dataset import DataReport, RecordEncoder, VLMDataset
 from vlmkit.data.generators import generate
@@ -24,10 +26,13 @@ from vlmkit.data.loader import (
 )
 from vlmkit.data.sources.shards import Shard, find_shards, is_sharded
 from vlmkit.data.sources.stream import ShardPlan, mix_seed
+from vlmkit.io import atomic_write_json
 from vlmkit.log import get_logger
 from vlmkit.train.feature_cache import maybe_feature_cache
 
 log = get_logger(__name__)
+
+GENERATOR_RECORD = "generator.json"  # the data.synthetic settings that wrote RUN_DIR/data
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool = True, barrier: Any = None) -> DataConfig:
@@ -37,8 +42,19 @@ def prepare_data(cfg: DataConfig, run_dir: Path, is_main: bool = True, barrier: 
         return cfg
     out = run_dir / "data"
     files = {s: out / f"{s}.json" for s in ("train", "val", "test")}
-    if is_main and not all(f.is_file() for f in files.values()):
-        files.update(generate(cfg.synthetic, out))
+    if is_main:
+        settings = json.loads(json.dumps(to_dict(cfg.synthetic)))
+        record = out / GENERATOR_RECORD
+        if not all(f.is_file() for f in files.values()):
+            files.update(generate(cfg.synthetic, out))
+            atomic_write_json(record, settings)
+        elif record.is_file() and (made := json.loads(record.read_text())) != settings:
+            changed = sorted(k for k in {*made, *settings} if made.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} was generated with other data.synthetic settings ({', '.join(changed)}: "
+                f"{', '.join(f'{made.get(k)!r} -> {settings.get(k)!r}' for k in changed)}); delete that "
+                "directory to generate the data anew, or use another run directory"
+            )
     if barrier is not None:
         barrier()
     return dataclasses.replace(

@@ -164,6 +164,20 @@ def test_object_slots_start_with_the_count_of_objects_found(llm):
     assert torch.allclose(empty[0], word["0"]) and all(torch.allclose(t, word["."]) for t in empty[1:])
 
 
+def test_object_slots_with_a_prefix_word_read_like_noun_phrases(llm):
+    bridge = _slots(llm, num=3, prefix="a", separator=",")
+    tokens = bridge(torch.zeros(1, 16, 8))[0]  # [3 slots x (1 + 2 + 8 + 1), D]
+    assert tokens.shape == (36, llm.hidden_size) and bridge.num_tokens(16) == 36
+    word = {w: _word(llm, w) for w in ["a", "blue", "square", "circle", "."]}
+    # "a blue square <8 digits> , a red circle <8 digits> ," then an empty slot of filler only
+    assert torch.allclose(tokens[0], word["a"]) and torch.allclose(tokens[1], word["blue"])
+    assert torch.allclose(tokens[2], word["square"]) and torch.allclose(tokens[12], word["a"])
+    assert torch.allclose(tokens[14], word["circle"])
+    assert all(torch.allclose(t, word["."]) for t in tokens[24:])
+    numbered = _slots(llm, num=2, prefix="a", index=True)(torch.zeros(1, 16, 8))[0]
+    assert torch.allclose(numbered[0], word["a"]) and torch.allclose(numbered[1], _word(llm, "1"))
+
+
 def test_object_slot_gradients_reach_the_detected_patches_only(llm):
     torch.manual_seed(0)
     cfg = ObjectSlotsConfig(

@@ -67,7 +67,9 @@ class SlotsConfig:
     the `object` layout, after its words in `labels_first`; an empty slot ends with `empty_word`), "" for none.
     Empty slots are all `empty_word`, so the numbers and separators count the objects found. `count`: the
     slots are preceded by one token, the number of objects found (0 .. `num`) as a word, the detector's own
-    count stated once rather than left to be counted from the slots."""
+    count stated once rather than left to be counted from the slots. `prefix`: a word (e.g. "a") starting every
+    found object's slot (before its number), so that a slot reads like a noun phrase; an empty slot starts with
+    `empty_word` instead."""
 
     num: int = 4
     location: str = "digits"
@@ -78,6 +80,7 @@ class SlotsConfig:
     index: bool = False
     separator: str = ""
     count: bool = False
+    prefix: str = ""
 
 
 @dataclass
@@ -256,16 +259,25 @@ class ObjectSlotsBridge(Bridge):
             WordTable([slots.separator], llm_dim, leading_space=False) if slots.separator else None
         )
         self.counts = WordTable([str(k) for k in range(slots.num + 1)], llm_dim) if slots.count else None
+        self.prefix = WordTable([slots.prefix], llm_dim) if slots.prefix else None
 
     def bind_llm(self, llm: Any) -> None:
-        for table in [*self.tables, self.filler, self.digits, self.numbers, self.separator, self.counts]:
+        for table in [
+            *self.tables,
+            self.filler,
+            self.digits,
+            self.numbers,
+            self.separator,
+            self.counts,
+            self.prefix,
+        ]:
             if table is not None:
                 table.bind_llm(llm)
 
     @property
     def labels_per_slot(self) -> int:
-        """Tokens of a slot's words: its number (`slots.index`), then one per label group."""
-        return int(self.cfg.slots.index) + len(self.tables)
+        """Tokens of a slot's words: its prefix word, its number (`slots.index`), then one per label group."""
+        return int(bool(self.cfg.slots.prefix)) + int(self.cfg.slots.index) + len(self.tables)
 
     @property
     def locations_per_slot(self) -> int:
@@ -296,6 +308,8 @@ class ObjectSlotsBridge(Bridge):
                 ]
                 if self.numbers is not None:
                     mixed.insert(0, self.numbers.weight[k])
+                if self.prefix is not None:
+                    mixed.insert(0, self.prefix.weight[0])
                 labels.append(torch.stack(mixed))  # [labels_per_slot, Dl]
                 locations.append(self._location_tokens(obj.box))  # [4 * width, Dl]
             empty = slots.num - len(objects)

@@ -714,6 +714,9 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert args.dtype == "fp32" and build_parser().parse_args(["serve", "m"]).dtype == "auto"
     windows = build_parser().parse_args(["serve", "m", "--no-continuous-batching"])
     assert not _server_config(windows, web=False).continuous_batching
+    assert config.lean_decode  # the lean LLM forward by default (tests/test_lean.py), off on request
+    plain = build_parser().parse_args(["serve", "m", "--no-lean-decode"])
+    assert not _server_config(plain, web=False).lean_decode
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
     assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")

@@ -20,6 +20,7 @@ import torch
 from vlmkit.data.processor import Layout
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
+from vlmkit.infer.lean import LeanLLM
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig, select_rows
 from vlmkit.models.row_batch import RowBatch
@@ -104,8 +105,11 @@ class Engine:
         image_cache: ImageFeatureCache | None = None,
         stats: EngineStats | None = None,
         encode_ahead: bool = True,
+        lean: bool = True,
     ) -> None:
-        """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`)."""
+        """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`);
+        `lean`: run a Llama-family LLM through the lean forward (`infer/lean.py`; the model's own forward where it
+        does not apply)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.predictor = predictor
@@ -126,11 +130,13 @@ class Engine:
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
+        self.lean = LeanLLM.build(self.model) if lean else None
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:
         model = self.model
-        return RowBatch(model._step, model.llm.embed, model.fusion, len(model.llm.layers), self.max_rows)
+        step = self.lean or model._step
+        return RowBatch(step, model.llm.embed, model.fusion, len(model.llm.layers), self.max_rows)
 
     # ------------------------------------------------------------------------------------ requests
     @property

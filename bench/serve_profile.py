@@ -1,12 +1,15 @@
 """Where `vlmkit serve`'s model thread spends its time, in one process, no HTTP: the continuous-batching engine
 (infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests.
 
-Variants alternate (A B, B A, ...) so that a loaded machine affects them alike (`--variants`, default hf lean):
+Variants alternate (A B, B A, ...) so that a loaded machine affects them alike (`--variants`, default hf lean together):
   unfused: linears prepacked one by one, each row's images encoded when its prefill starts, transformers' forward;
   hf:      q/k/v and gate/up fused into one packed linear each (`fuse_projections`), and the images of the rows
            prefilled together in a step encoded in one tower call, in groups of at most `prefill_chunk` prompt
            tokens (`Engine(encode_ahead=True)`); transformers' forward (`Engine(lean=False)`);
-  lean:    as hf, with the LLM run by the lean forward (infer/lean.py, `Engine(lean=True)`: the default).
+  lean:    as hf, with the LLM run by the lean forward (infer/lean.py, `Engine(lean=True)`: the default), prompts
+           prefilled one by one;
+  together: as lean, with the whole prompts of rows starting in a step prefilled together in one LLM call, in
+           groups of at most `--prefill-chunk` prompt tokens (`Engine(prefill_together=True)`).
 
 Printed per variant (best of the rounds): the prefill of 8 new rows (all arriving at once, nothing decoding) split
 into image preprocessing, tower + bridge, LLM prefill and the rest, the median time to each row's first token, and
@@ -118,23 +121,33 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="as `vlmkit serve` on 2 cores (all but one)")
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10, help="decode steps profiled")
-    parser.add_argument("--variants", nargs="+", default=["hf", "lean"], choices=["unfused", "hf", "lean"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["hf", "lean", "together"],
+        choices=["unfused", "hf", "lean", "together"],
+    )
+    parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vlmkit" / "serve-profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, _ = build_model(args.work)
+    common = {"max_rows": 8, "prefill_chunk": args.prefill_chunk}
     builders = {
         "unfused": lambda: Engine(
             build_predictor(model_dir, dtype="auto", prepack=True, fuse=False),
-            max_rows=8,
             encode_ahead=False,
             lean=False,
+            **common,
         ),
-        "hf": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), max_rows=8, lean=False),
-        "lean": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), max_rows=8, lean=True),
+        "hf": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), lean=False, **common),
+        "lean": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), **common),
+        "together": lambda: Engine(
+            build_predictor(model_dir, dtype="auto", prepack=True), prefill_together=True, **common
+        ),
     }
     engines = {name: builders[name]() for name in args.variants}
-    if "lean" in engines and engines["lean"].lean is None:
+    if any(engines[name].lean is None for name in ("lean", "together") if name in engines):
         raise SystemExit("the lean forward does not apply to this model (see the log)")
     print(f"{os.cpu_count()} cores, {args.threads} model thread(s), load average {os.getloadavg()[0]:.1f}")
     results: dict[str, list[dict]] = {name: [] for name in engines}

@@ -189,3 +189,106 @@ def test_other_llms_and_calls_fall_back_to_the_models_forward(monkeypatch):
     assert "autocast" in seen and rec.result.completion_tokens == 5
     monkeypatch.setattr(lean_mod, "FAMILIES", {})
     assert "not a known Llama-family decoder" in unsupported(model)
+
+
+# ------------------------------------------------------------------------------ prompts prefilled together
+
+
+def _calls(engine: Engine) -> list[tuple[int, int]]:
+    """Record the (rows, tokens) shape of every prompt call of `engine`'s LLM."""
+    shapes: list[tuple[int, int]] = []
+    step = engine.batch.step_fn
+
+    def recorded(embeds, *rest):
+        if embeds.shape[1] > 1:
+            shapes.append(tuple(embeds.shape[:2]))
+        return step(embeds, *rest)
+
+    engine.batch.step_fn = recorded
+    return shapes
+
+
+def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answers():
+    model = lively()
+    predictor = Predictor(model)
+    requests = [
+        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
+        ChatRequest(
+            _ask("a row that ends at its first token"), [], dataclasses.replace(GREEDY, max_new_tokens=1)
+        ),
+        ChatRequest(_ask("hello there, how are you today? tell me more"), [], GREEDY),
+        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], GREEDY),
+    ]
+    solo = [predictor.generate([r])[0].token_ids for r in requests]
+    lengths = [Engine(predictor).prepare(r).prompt_tokens for r in requests]
+    assert len(set(lengths)) == len(lengths)  # right padding is exercised
+    engine = Engine(predictor, max_rows=4, prefill_chunk=sum(lengths[:3]), prefill_together=True)
+    shapes = _calls(engine)
+    recs = [_add(engine, r) for r in requests]
+    engine.step()
+    # nothing decoding: the first three prompts (within prefill_chunk tokens) in one call, then the last alone
+    assert shapes == [(3, max(lengths[:3])), (1, lengths[3])]
+    assert recs[1].result is not None and len(recs[1].result.token_ids) == 1  # done at once: its slot freed
+    assert engine.batch.size == 3
+    _run(engine)
+    assert [rec.result.token_ids for rec in recs] == solo
+
+    # rows decoding: a group stays within one chunk's tokens, so the streams wait no longer than before
+    engine = Engine(predictor, max_rows=4, prefill_chunk=lengths[0] + lengths[2], prefill_together=True)
+    shapes = _calls(engine)
+    first = _add(engine, requests[3])
+    engine.step()
+    others = [_add(engine, requests[i]) for i in (0, 2)]
+    engine.step()
+    assert shapes == [(1, lengths[3]), (2, max(lengths[0], lengths[2]))]
+    _run(engine)
+    assert [rec.result.token_ids for rec in [first, *others]] == [solo[3], solo[0], solo[2]]
+
+    # off (the default): one row at a time
+    engine = Engine(predictor, max_rows=4)
+    shapes = _calls(engine)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert [s[0] for s in shapes] == [1, 1, 1, 1] and [rec.result.token_ids for rec in recs] == solo
+
+
+def test_a_failed_prefill_together_goes_again_row_by_row():
+    model = lively()
+    predictor = Predictor(model)
+    requests = [ChatRequest(_ask(f"question number {i}"), [], GREEDY) for i in range(3)]
+    solo = [predictor.generate([r])[0].token_ids for r in requests]
+    engine = Engine(predictor, max_rows=4, prefill_together=True)
+    failures = []
+
+    def broken(inputs):
+        failures.append(len(inputs))
+        raise RuntimeError("out of memory")
+
+    engine.batch.prefill_many = broken
+    shapes = _calls(engine)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert failures == [3] and [s[0] for s in shapes] == [1, 1, 1]
+    assert [rec.result.token_ids for rec in recs] == solo and not any(rec.errors for rec in recs)
+
+
+def test_xattn_rows_with_images_are_prefilled_alone():
+    model = lively(**ARCHITECTURES["xattn"])
+    predictor = Predictor(model)
+    requests = [
+        ChatRequest(_ask("hello there"), [], GREEDY),
+        ChatRequest(_ask("and you?"), [], GREEDY),
+        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
+        ChatRequest(_ask("one more"), [], GREEDY),
+    ]
+    solo = [predictor.generate([r])[0].token_ids for r in requests]
+    engine = Engine(predictor, max_rows=4, prefill_together=True)
+    shapes = _calls(engine)
+    recs = [_add(engine, r) for r in requests]
+    _run(engine)
+    assert [s[0] for s in shapes] == [
+        2,
+        1,
+        1,
+    ]  # the image row carries cross-attention inputs: alone, in order
+    assert [rec.result.token_ids for rec in recs] == solo

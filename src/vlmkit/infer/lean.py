@@ -106,7 +106,10 @@ class _Layer:
 
 class LeanLLM:
     """The lean forward (module docstring) for `RowBatch`: called as its step function,
-    (embeds [B, t, D], mask [B, 1, t, L] bool, position_ids [B, t], cache, fusion kwargs) -> `.logits` [B, 1, V]."""
+    (embeds [B, t, D], mask [B, 1, t, L] bool, position_ids [B, t], cache, fusion kwargs) -> `.logits` [B, 1, V]
+    of the last position, or of each row's `cache.plan.last` position where set (several prompts in one call)."""
+
+    selects_rows = True  # honours `plan.last` (RowBatch.prefill_many)
 
     def __init__(self, model: Any, fallback: Callable[..., Any]) -> None:
         """Use `build`, which checks that `model` (a VisionLanguageModel) has the structure this assumes."""
@@ -203,7 +206,7 @@ class LeanLLM:
             if decode:
                 keys.view(-1, dim).index_copy_(0, plan.flat, new_k.reshape(b * kv_heads, dim))
                 values.view(-1, dim).index_copy_(0, plan.flat, new_v.reshape(b * kv_heads, dim))
-            else:  # a prompt chunk of one row
+            else:  # a prompt chunk of one row, or whole prompts of several rows from position 0
                 start = int(plan.starts[0])
                 keys[plan.slots, :, start : start + t] = new_k.transpose(1, 2)
                 values[plan.slots, :, start : start + t] = new_v.transpose(1, 2)
@@ -227,6 +230,8 @@ class LeanLLM:
             gate_up = layer.gate_up(x)
             n = layer.intermediate
             hidden = hidden + layer.down(layer.act(gate_up[..., :n]) * gate_up[..., n:])
+        if plan.last is not None:  # right-padded prompts: each row's own last position
+            hidden = hidden[torch.arange(b, device=hidden.device), plan.last][:, None]
         last = _rms_norm(hidden[:, -1:], self.final_norm, self.final_eps)
         return LeanOutput(self.lm_head(last))
 

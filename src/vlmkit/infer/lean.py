@@ -13,7 +13,8 @@ per layer (rotate_half for q and for k), RMSNorm as 8 ops, and the projections' 
   roll(x)*sin' equals rotate_half(x)*sin element by element; cos/sin computed once per step (the model's own
   rotary module, so any rope scaling it implements is kept);
 * the new keys/values written in place into the `SlotCache` buffers (one `index_copy_` each), SDPA over views of
-  them with the mask `RowBatch` built, the query packed per KV head for one-token steps as transformers does.
+  them with the mask `RowBatch` built (made additive once per call, as SDPA would in every layer), the query packed
+  per KV head for one-token steps as transformers does.
 
 It applies when every decoder layer is a known Llama-family layer (`FAMILIES`: the decoder's forward is
 embed -> layers -> norm, each layer pre-norm attention + gated MLP, no extra norms) with plain, packed or fused
@@ -186,6 +187,9 @@ class LeanLLM:
         cos, sin = self.rotary(embeds, position_ids)  # [B, t, dim] each, in the embeddings' dtype
         cos = cos[:, :, None]  # [B, t, 1, dim]: broadcast over the heads
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        # SDPA turns a boolean mask into an additive one at every call: once here (the same values: 0 / -inf)
+        zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
+        mask = torch.where(mask, zero, torch.full((), float("-inf"), dtype=embeds.dtype, device=embeds.device))
         decode = t == 1
         if (
             decode and plan.flat is None

@@ -167,6 +167,9 @@ def test_other_llms_and_calls_fall_back_to_the_models_forward(monkeypatch):
     _run(engine)
     assert rec.result.token_ids == predictor.generate([request])[0].token_ids
 
+    # another device than the CPU (where bit-identity is tested) is not taken
+    assert "on meta" in unsupported(lively().to("meta"))
+
     # eager attention (its numerics differ from SDPA's) is not taken
     model = lively()
     model.llm.set_attention("eager")

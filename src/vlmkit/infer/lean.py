@@ -16,12 +16,16 @@ per layer (rotate_half for q and for k), RMSNorm as 8 ops, and the projections' 
   them with the mask `RowBatch` built (made additive once per call, as SDPA would in every layer), the query packed
   per KV head for one-token steps as transformers does.
 
-It applies when every decoder layer is a known Llama-family layer (`FAMILIES`: the decoder's forward is
-embed -> layers -> norm, each layer pre-norm attention + gated MLP, no extra norms) with plain, packed or fused
-linear projections (no LoRA), SDPA attention, and a plain LM head; xattn layers (`XAttnDecoderLayer`) keep their
-cross-attention, called first as in their own forward. Anything else (another architecture, LoRA, eager attention,
-autocast, a fusion keyword the layers do not know, another cache) goes through the model's own forward:
-`LeanLLM.build` returns None with the reason logged, and a call it cannot take is handed to the fallback.
+It applies on CPU (where its bit-identity is tested) when every decoder layer is a known Llama-family layer
+(`FAMILIES`: the decoder's forward is embed -> layers -> norm, each layer pre-norm attention + gated MLP, no extra
+norms) with plain, packed or fused linear projections (no LoRA), SDPA attention, and a plain LM head; xattn layers
+(`XAttnDecoderLayer`) keep their cross-attention, called first as in their own forward. Anything else (another
+architecture, LoRA, eager attention, another device, autocast, a fusion keyword the layers do not know, another
+cache) goes through the model's own forward: `LeanLLM.build` returns None with the reason logged, and a call it
+cannot take is handed to the fallback.
+
+Several whole prompts can go in one call (`RowBatch.prefill_many`): right-padded, each row's logits taken at its
+own last position (`plan.last`).
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ class LeanLLM:
         if reason is not None:
             logger.info("lean decode off: %s; the model's own forward is used", reason)
             return None
+        logger.info("lean decode on: %s", type(model.llm.decoder).__name__)
         return cls(model, fallback or model._step)
 
     # ------------------------------------------------------------------------------------ forward
@@ -189,7 +194,9 @@ class LeanLLM:
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         # SDPA turns a boolean mask into an additive one at every call: once here (the same values: 0 / -inf)
         zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
-        mask = torch.where(mask, zero, torch.full((), float("-inf"), dtype=embeds.dtype, device=embeds.device))
+        mask = torch.where(
+            mask, zero, torch.full((), float("-inf"), dtype=embeds.dtype, device=embeds.device)
+        )
         decode = t == 1
         if (
             decode and plan.flat is None
@@ -265,6 +272,9 @@ def unsupported(model: Any) -> str | None:
     """Why the lean forward does not apply to `model`'s LLM (None: it applies)."""
     llm = model.llm
     hf = llm.model
+    device = next(llm.parameters()).device
+    if device.type != "cpu":  # the kernels' bit-identity (rms_norm, SDPA's mask) is checked on CPU only
+        return f"the LLM is on {device.type} (the lean forward is verified on CPU only)"
     if hasattr(hf, "get_base_model") or getattr(model, "lora_gate", None) is not None:
         return "the LLM has LoRA adapters"
     decoder = getattr(hf, "model", None)

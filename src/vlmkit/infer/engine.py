@@ -4,7 +4,12 @@ budget, so a long prompt does not stall the streams already decoding.
 
 One `Engine.step()` = (a) drop cancelled rows, (b) prefill waiting rows, first come first served, up to
 `prefill_chunk` prompt tokens (unlimited while nothing decodes), each fully prefilled row sampling its first token
-and joining the batch, (c) one decode step for every row in the batch. Only the model thread calls it.
+and joining the batch (with `prefill_together`, rows whose whole prompts fit are prefilled in one LLM call), (c) one
+decode step for every row in the batch. Only the model thread calls it.
+
+Over 400 lines: the three parts of a step (cancellation, prefill one by one or together with the images encoded
+ahead, decode) and the inputs they build all read and move the same rows, slots and stats; the model-level half
+(the KV slots) is in models/row_batch.py and the LLM forward in infer/lean.py.
 """
 
 from __future__ import annotations

@@ -139,16 +139,20 @@ def test_lean_forward_matches_with_packed_and_fused_linears(dtype, heads):
     _assert_same(Predictor(model))
 
 
-def test_lean_forward_covers_qwen2_with_biased_projections():
-    model = lively({"model_type": "qwen2", "attention_bias": True})
-    assert type(model.llm.decoder).__name__ == "Qwen2Model"
-    assert model.llm.layers[0].self_attn.q_proj.bias is not None
-    with torch.no_grad():
-        for layer in model.llm.layers:
-            layer.self_attn.q_proj.bias.normal_(0, 0.3)
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_lean_forward_covers_the_other_llama_families(family):
+    """Qwen2 (q/k/v with biases) and Mistral decoders, plain and prepacked."""
+    model = lively({"model_type": family, "attention_bias": True})
+    assert type(model.llm.decoder).__name__ == f"{family.capitalize()}Model"
+    if family == "qwen2":
+        assert model.llm.layers[0].self_attn.q_proj.bias is not None
+        with torch.no_grad():
+            for layer in model.llm.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.3)
+    _assert_same(Predictor(model))
     if available():
         prepack_linears(model)
-    _assert_same(Predictor(model))
+        _assert_same(Predictor(model))
 
 
 def test_other_llms_and_calls_fall_back_to_the_models_forward(monkeypatch):

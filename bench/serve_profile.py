@@ -1,5 +1,5 @@
 """Where `vlmkit serve`'s model thread spends its time, in one process, no HTTP: the continuous-batching engine
-(infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests.
+(infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests (`--rows`).
 
 Variants alternate (A B, B A, ...) so that a loaded machine affects them alike (`--variants`, default hf lean together):
   unfused: linears prepacked one by one, each row's images encoded when its prefill starts, transformers' forward;
@@ -75,7 +75,7 @@ def measure(engine: Engine, seed: int, tokens: int, steps: int) -> tuple[dict, l
     done, firsts = [], []
     try:
         start = time.perf_counter()
-        for i in range(8):
+        for i in range(engine.max_rows):
             sink = RowSink(
                 on_text=lambda delta: None,
                 on_done=done.append,
@@ -128,11 +128,12 @@ def main() -> int:
         choices=["unfused", "hf", "lean", "together"],
     )
     parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=8, help="requests arriving at once (the decode batch)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vlmkit" / "serve-profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, _ = build_model(args.work)
-    common = {"max_rows": 8, "prefill_chunk": args.prefill_chunk}
+    common = {"max_rows": args.rows, "prefill_chunk": args.prefill_chunk}
     builders = {
         "unfused": lambda: Engine(
             build_predictor(model_dir, dtype="auto", prepack=True, fuse=False),

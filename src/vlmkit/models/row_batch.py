@@ -9,7 +9,9 @@ The cache (`SlotCache`, a transformers `Cache`) keeps preallocated per-layer buf
 head_dim]. Decode rows occupy slots 0..n-1, so a decode step attends over views of the buffers (no copy); each row
 writes its new keys at its own position and a [n, 1, 1, L] mask hides what lies beyond each row's length. The row
 being prefilled lives in the last slot and is copied into slot n when it joins; a row that leaves takes the last
-row's place (one copy), so joining and leaving never realign the other rows.
+row's place (one copy), so joining and leaving never realign the other rows. Several whole prompts can also be
+prefilled in one call (`prefill_many`, for a step function that returns each row's logits at its own last position):
+right-padded, straight into the free slots n, n+1, ...
 """
 
 from __future__ import annotations

@@ -287,15 +287,13 @@ def test_xattn_rows_with_images_are_prefilled_alone():
         ChatRequest(_ask("and you?"), [], GREEDY),
         ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
         ChatRequest(_ask("one more"), [], GREEDY),
+        ChatRequest(_ask("and the last one"), [], GREEDY),
     ]
     solo = [predictor.generate([r])[0].token_ids for r in requests]
-    engine = Engine(predictor, max_rows=4, prefill_together=True)
+    engine = Engine(predictor, max_rows=5, prefill_together=True)
     shapes = _calls(engine)
     recs = [_add(engine, r) for r in requests]
     _run(engine)
-    assert [s[0] for s in shapes] == [
-        2,
-        1,
-        1,
-    ]  # the image row carries cross-attention inputs: alone, in order
+    # the image row carries cross-attention inputs: alone, in order; the text rows after it join its batch together
+    assert [s[0] for s in shapes] == [2, 1, 2]
     assert [rec.result.token_ids for rec in recs] == solo

@@ -1,18 +1,22 @@
 """Where `vlmkit serve`'s model thread spends its time, in one process, no HTTP: the continuous-batching engine
-(infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests.
+(infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests (`--rows`).
 
-Two variants alternate (A B, B A, ...) so that a loaded machine affects both alike:
-  before: linears prepacked one by one, each row's images encoded when its prefill starts;
-  after:  q/k/v and gate/up fused into one packed linear each (`fuse_projections`), and the images of the rows
-          prefilled together in a step encoded in one tower call, in groups of at most `prefill_chunk` prompt
-          tokens (`Engine(encode_ahead=True)`).
+Variants alternate (A B, B A, ...) so that a loaded machine affects them alike (`--variants`, default hf lean together):
+  unfused: linears prepacked one by one, each row's images encoded when its prefill starts, transformers' forward;
+  hf:      q/k/v and gate/up fused into one packed linear each (`fuse_projections`), and the images of the rows
+           prefilled together in a step encoded in one tower call, in groups of at most `prefill_chunk` prompt
+           tokens (`Engine(encode_ahead=True)`); transformers' forward (`Engine(lean=False)`);
+  lean:    as hf, with the LLM run by the lean forward (infer/lean.py, `Engine(lean=True)`: the default), prompts
+           prefilled one by one;
+  together: as lean, with the whole prompts of rows starting in a step prefilled together in one LLM call, in
+           groups of at most `--prefill-chunk` prompt tokens (`Engine(prefill_together=True)`).
 
 Printed per variant (best of the rounds): the prefill of 8 new rows (all arriving at once, nothing decoding) split
 into image preprocessing, tower + bridge, LLM prefill and the rest, the median time to each row's first token, and
 one decode step at batch 8 split into linears, attention, other ops and Python (torch.profiler self times; Python =
-wall - ops). The greedy answers of both variants must be equal.
+wall - ops). The greedy answers of all variants must be equal.
 
-    .venv/bin/python bench/serve_profile.py [--rounds 3] [--threads 1]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serve_profile.py [--rounds 3] [--threads 1] [--variants hf lean]
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def measure(engine: Engine, seed: int, tokens: int, steps: int) -> tuple[dict, l
     done, firsts = [], []
     try:
         start = time.perf_counter()
-        for i in range(8):
+        for i in range(engine.max_rows):
             sink = RowSink(
                 on_text=lambda delta: None,
                 on_done=done.append,
@@ -117,21 +121,40 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="as `vlmkit serve` on 2 cores (all but one)")
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--steps", type=int, default=10, help="decode steps profiled")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["hf", "lean", "together"],
+        choices=["unfused", "hf", "lean", "together"],
+    )
+    parser.add_argument("--prefill-chunk", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=8, help="requests arriving at once (the decode batch)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vlmkit" / "serve-profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, _ = build_model(args.work)
-    engines = {
-        "before": Engine(
-            build_predictor(model_dir, dtype="auto", prepack=True, fuse=False), max_rows=8, encode_ahead=False
+    common = {"max_rows": args.rows, "prefill_chunk": args.prefill_chunk}
+    builders = {
+        "unfused": lambda: Engine(
+            build_predictor(model_dir, dtype="auto", prepack=True, fuse=False),
+            encode_ahead=False,
+            lean=False,
+            **common,
         ),
-        "after": Engine(build_predictor(model_dir, dtype="auto", prepack=True), max_rows=8),
+        "hf": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), lean=False, **common),
+        "lean": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), **common),
+        "together": lambda: Engine(
+            build_predictor(model_dir, dtype="auto", prepack=True), prefill_together=True, **common
+        ),
     }
+    engines = {name: builders[name]() for name in args.variants}
+    if any(engines[name].lean is None for name in ("lean", "together") if name in engines):
+        raise SystemExit("the lean forward does not apply to this model (see the log)")
     print(f"{os.cpu_count()} cores, {args.threads} model thread(s), load average {os.getloadavg()[0]:.1f}")
     results: dict[str, list[dict]] = {name: [] for name in engines}
     answers: dict[str, list] = {name: [] for name in engines}
-    measure(engines["before"], 10**6, 4, 2)  # warm-up
-    measure(engines["after"], 10**6, 4, 2)
+    for engine in engines.values():  # warm-up
+        measure(engine, 10**6, 4, 2)
     for rnd in range(args.rounds):
         order = list(engines) if rnd % 2 == 0 else list(reversed(engines))
         for name in order:
@@ -155,7 +178,8 @@ def main() -> int:
     for name, runs in results.items():
         best = {k: min(r[k] for r in runs) for k in keys}
         print(f"{name:8s} " + " ".join(f"{1000 * best[k]:9.1f}" for k in keys))
-    same = answers["before"] == answers["after"]
+    first = next(iter(answers.values()))
+    same = all(a == first for a in answers.values())
     print(f"greedy answers equal: {same}")
     return 0 if same else 1
 

@@ -714,6 +714,11 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert args.dtype == "fp32" and build_parser().parse_args(["serve", "m"]).dtype == "auto"
     windows = build_parser().parse_args(["serve", "m", "--no-continuous-batching"])
     assert not _server_config(windows, web=False).continuous_batching
+    assert config.lean_decode  # the lean LLM forward by default (tests/test_lean.py), off on request
+    plain = build_parser().parse_args(["serve", "m", "--no-lean-decode"])
+    assert not _server_config(plain, web=False).lean_decode and not config.prefill_together
+    together = build_parser().parse_args(["serve", "m", "--prefill-together"])
+    assert _server_config(together, web=False).prefill_together
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
     assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")

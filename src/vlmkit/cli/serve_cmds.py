@@ -56,6 +56,8 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
         max_batch=args.max_batch,
         continuous_batching=not args.no_continuous_batching,
         prefill_chunk=args.prefill_chunk,
+        lean_decode=not args.no_lean_decode,
+        prefill_together=args.prefill_together,
         image_cache_mb=args.image_cache_mb,
         batch_window_ms=args.batch_window_ms,
         batch_max_wait_ms=args.batch_max_wait_ms,
@@ -145,6 +147,18 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         "--no-continuous-batching",
         action="store_true",
         help="decode requests in windows (each batch runs to its end) instead of joining the running batch",
+    )
+    g.add_argument(
+        "--no-lean-decode",
+        action="store_true",
+        help="run the LLM through transformers' forward instead of the lean Llama-family forward (same logits, "
+        "slower; other LLMs always use transformers')",
+    )
+    g.add_argument(
+        "--prefill-together",
+        action="store_true",
+        help="with the lean forward, prefill the whole prompts of requests starting in a step in one LLM call, up "
+        "to --prefill-chunk tokens (more prompt tokens/s, later first tokens of a burst)",
     )
     g.add_argument(
         "--batch-window-ms",

@@ -34,6 +34,8 @@ class ServerConfig:
         True  # requests join / leave the running batch at every step (Predictor backends)
     )
     prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
+    lean_decode: bool = True  # Llama-family LLMs run through infer/lean.py (continuous batching only)
+    prefill_together: bool = False  # with lean_decode: whole prompts starting in a step in one LLM call
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off
     model_cpus: int | None = None  # pin the model thread to this many cores (None: not pinned)
     max_queue: int = 256  # queued requests beyond this get HTTP 429

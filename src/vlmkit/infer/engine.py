@@ -4,7 +4,12 @@ budget, so a long prompt does not stall the streams already decoding.
 
 One `Engine.step()` = (a) drop cancelled rows, (b) prefill waiting rows, first come first served, up to
 `prefill_chunk` prompt tokens (unlimited while nothing decodes), each fully prefilled row sampling its first token
-and joining the batch, (c) one decode step for every row in the batch. Only the model thread calls it.
+and joining the batch (with `prefill_together`, rows whose whole prompts fit are prefilled in one LLM call), (c) one
+decode step for every row in the batch. Only the model thread calls it.
+
+Over 400 lines: the three parts of a step (cancellation, prefill one by one or together with the images encoded
+ahead, decode) and the inputs they build all read and move the same rows, slots and stats; the model-level half
+(the KV slots) is in models/row_batch.py and the LLM forward in infer/lean.py.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import torch
 from vlmkit.data.processor import Layout
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
+from vlmkit.infer.lean import LeanLLM
 from vlmkit.log import get_logger
+from vlmkit.models.fusion import LLMInputs
 from vlmkit.models.generation import GenerationConfig, select_rows
 from vlmkit.models.row_batch import RowBatch
 from vlmkit.models.vlm import check_image_tokens
@@ -56,6 +63,8 @@ class Row:
     arrived: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
     visual: torch.Tensor | None = None  # its images' visual tokens, once encoded ahead of its prefill
+    inputs: LLMInputs | None = None  # its LLM inputs, once made (for a prefill with other rows)
+    solo: bool = False  # prefilled alone (a prefill with other rows failed)
 
     @property
     def prompt_tokens(self) -> int:
@@ -104,8 +113,13 @@ class Engine:
         image_cache: ImageFeatureCache | None = None,
         stats: EngineStats | None = None,
         encode_ahead: bool = True,
+        lean: bool = True,
+        prefill_together: bool = False,
     ) -> None:
-        """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`)."""
+        """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`);
+        `lean`: run a Llama-family LLM through the lean forward (`infer/lean.py`; the model's own forward where it
+        does not apply); `prefill_together`: with the lean forward, prefill the whole prompts of rows starting in a
+        step in one LLM call (`_prefill_together`: more prompt tokens/s, later first tokens; docs/serving.md)."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.predictor = predictor
@@ -114,6 +128,7 @@ class Engine:
         self.max_rows = max_rows
         self.prefill_chunk = prefill_chunk
         self.encode_ahead = encode_ahead
+        self.prefill_together = prefill_together
         self.image_cache = image_cache
         self.stats = stats or EngineStats()
         param = next(self.model.parameters())
@@ -126,11 +141,13 @@ class Engine:
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
+        self.lean = LeanLLM.build(self.model) if lean else None
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:
         model = self.model
-        return RowBatch(model._step, model.llm.embed, model.fusion, len(model.llm.layers), self.max_rows)
+        step = self.lean or model._step
+        return RowBatch(step, model.llm.embed, model.fusion, len(model.llm.layers), self.max_rows)
 
     # ------------------------------------------------------------------------------------ requests
     @property
@@ -211,13 +228,19 @@ class Engine:
         if self.encode_ahead:
             self._encode_ahead(left)
         while left > 0 and (self.prefilling is not None or (self.waiting and not self.batch.full)):
+            if self.prefilling is None and self.prefill_together and self.batch.multi_prefill:
+                used = self._prefill_together(left)
+                if used:
+                    left -= used
+                    continue
             if self.prefilling is None:
                 row = self.waiting.popleft()
                 if row.config.max_new_tokens < 1:  # nothing to generate
                     self._finish(row)
                     continue
                 try:
-                    self.batch.begin(self._inputs(row))
+                    self.batch.begin(row.inputs or self._inputs(row))
+                    row.inputs = None
                 except Exception as err:
                     logger.warning("request refused while preparing its inputs: %s", err)
                     row.sink.on_error(err)
@@ -245,6 +268,61 @@ class Engine:
             else:
                 self.batch.admit()
                 self.rows.append(row)
+
+    def _prefill_together(self, budget: float) -> int:
+        """Prefill the whole prompts of the first waiting rows in one LLM call (right-padded, `RowBatch.
+        prefill_many`): as many as free rows allow within `budget` and `prefill_chunk` prompt tokens (so a step
+        never stalls the decoding rows longer than one chunk would, and a burst of arrivals gets its first tokens
+        group by group), rows without fusion keyword arguments only. Returns the prompt tokens prefilled (0: fewer
+        than two rows qualified; the caller goes on row by row)."""
+        budget = min(budget, self.prefill_chunk)
+        free = self.max_rows - self.batch.size
+        rows: list[Row] = []
+        tokens = 0
+        for row in list(self.waiting):
+            if (
+                len(rows) >= free
+                or tokens + row.prompt_tokens > budget
+                or row.solo
+                or row.config.max_new_tokens < 1
+            ):
+                break
+            if row.inputs is None:
+                try:
+                    row.inputs = self._inputs(row)
+                except Exception as err:
+                    logger.warning("request refused while preparing its inputs: %s", err)
+                    self.waiting.remove(row)
+                    row.sink.on_error(err)
+                    continue
+            if row.inputs.kwargs:  # e.g. xattn images: prefilled alone
+                break
+            rows.append(row)
+            tokens += row.prompt_tokens
+        if len(rows) < 2:
+            return 0
+        for _ in rows:
+            self.waiting.popleft()
+        try:
+            with self._gate(rows):
+                logits = self.batch.prefill_many([row.inputs for row in rows])  # type: ignore[misc]
+        except Exception:  # which row broke it is unknown: each goes again on its own
+            logger.exception("prefill of %d rows together failed; prefilling them one by one", len(rows))
+            for row in reversed(rows):
+                row.solo = True
+                self.waiting.appendleft(row)
+            return 0
+        self.stats.prefill_tokens += tokens
+        next_tokens = select_rows(logits.float(), [r.config for r in rows], [r.generator for r in rows])
+        done = [self._push(row, token) for row, token in zip(rows, next_tokens.tolist())]
+        self.batch.admit_many([not d for d in done])
+        for row, finished in zip(rows, done):
+            row.inputs = None
+            if finished:
+                self._finish(row)
+            else:
+                self.rows.append(row)
+        return tokens
 
     def _encode_ahead(self, budget: float) -> None:
         """Encode the images of the waiting rows whose whole prompt is prefilled in this step (as far as free rows

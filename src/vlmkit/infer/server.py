@@ -163,6 +163,8 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             max_rows=config.max_batch,
             prefill_chunk=config.prefill_chunk,
             image_cache=image_cache,
+            lean=config.lean_decode,
+            prefill_together=config.prefill_together,
             stats=stats,
         )
     worker = BatchWorker(backend, config, engine)

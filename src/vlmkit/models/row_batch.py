@@ -9,7 +9,9 @@ The cache (`SlotCache`, a transformers `Cache`) keeps preallocated per-layer buf
 head_dim]. Decode rows occupy slots 0..n-1, so a decode step attends over views of the buffers (no copy); each row
 writes its new keys at its own position and a [n, 1, 1, L] mask hides what lies beyond each row's length. The row
 being prefilled lives in the last slot and is copied into slot n when it joins; a row that leaves takes the last
-row's place (one copy), so joining and leaving never realign the other rows.
+row's place (one copy), so joining and leaving never realign the other rows. Several whole prompts can also be
+prefilled in one call (`prefill_many`, for a step function that returns each row's logits at its own last position):
+right-padded, straight into the free slots n, n+1, ...
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class _Plan:
     rows: torch.Tensor | None = None  # decode: the slots as indices [b]
     flat: torch.Tensor | None = (
         None  # decode: where each (row, head) writes in a [slots * H * capacity, D] view
+    )
+    last: torch.Tensor | None = (
+        None  # several prompts in one call: each row's last position [b], whose logits count
     )
 
 
@@ -179,6 +184,9 @@ class RowBatch:
         self.kwargs: dict[str, Any] = {}  # the fusion's arguments of the next decode call
         self.pending: _Prefill | None = None
         self._joining: dict[str, Any] | None = None
+        self._group: list[int] | None = None  # prompt lengths of the rows prefilled by `prefill_many`
+        # several whole prompts in one call needs a step function that returns each row's logits at `plan.last`
+        self.multi_prefill = bool(getattr(step, "selects_rows", False))
 
     @property
     def size(self) -> int:
@@ -233,6 +241,53 @@ class RowBatch:
         self.pending, self._joining = None, None
         return index
 
+    def prefill_many(self, inputs: list[LLMInputs]) -> torch.Tensor:
+        """Prefill several whole prompts (embeds [1, T_i, D] each, no fusion keyword arguments) in one call, right-
+        padded, straight into the next free decode slots -> each row's logits [k, V] of its last prompt token. Then
+        `admit_many` says which rows join. Needs `multi_prefill` (the step function honours `plan.last`)."""
+        if not self.multi_prefill:
+            raise RuntimeError("this step function cannot prefill several prompts in one call")
+        if self.pending is not None or self._group is not None:
+            raise RuntimeError("a row is already being prefilled")
+        k = len(inputs)
+        if k < 1 or self.size + k > self.max_rows:
+            raise ValueError(f"{k} prompts do not fit in the {self.max_rows - self.size} free rows")
+        if any(x.kwargs or x.embeds.shape[0] != 1 or x.embeds.shape[1] < 1 for x in inputs):
+            raise ValueError("prefill_many takes prompts [1, T>=1, D] without fusion keyword arguments")
+        lengths = [int(x.embeds.shape[1]) for x in inputs]
+        length = max(lengths)
+        self.cache.reserve(length)
+        first = inputs[0].embeds
+        embeds = first.new_zeros(k, length, first.shape[2])
+        for i, x in enumerate(inputs):
+            embeds[i, : lengths[i]] = x.embeds[0]
+        positions = torch.arange(length, device=first.device)
+        last = torch.tensor(lengths, device=first.device) - 1  # [k]
+        # causal, and no key past a row's prompt (a padded query still sees its row's prompt: no empty row)
+        mask = (positions[None, :] <= positions[:, None])[None] & (positions[None, :] <= last[:, None])[
+            :, None
+        ]
+        self._plan(slice(self.size, self.size + k), torch.zeros_like(last), length)
+        self.cache.plan.last = last
+        out = self.step_fn(embeds, mask[:, None], positions[None].expand(k, -1), self.cache, {})
+        self._group = lengths
+        return out.logits[:, -1]
+
+    def admit_many(self, keep: list[bool]) -> None:
+        """The rows of `prefill_many` with `keep` true join the decode batch, in order (the others are dropped)."""
+        lengths, self._group = self._group, None
+        if lengths is None or len(keep) != len(lengths):
+            raise RuntimeError("admit_many follows prefill_many, with one flag per row")
+        base, joined = self.size, 0
+        for i, (kept, length) in enumerate(zip(keep, lengths)):
+            if kept:
+                if base + i != self.size:
+                    self.cache.move(base + i, self.size, length)
+                self.lengths.append(length)
+                joined += 1
+        if joined:
+            self.kwargs = self.fusion.join([self.kwargs, {}], [base, joined])
+
     def discard(self) -> None:
         """Drop the row being prefilled (cancelled, or its prefill failed)."""
         self.pending, self._joining = None, None
@@ -283,4 +338,4 @@ class RowBatch:
         plan = self.cache.plan
         plan.slots, plan.starts, plan.length = slots, starts, length
         plan.rows = torch.arange(slots.start, slots.stop, device=starts.device)
-        plan.flat = None
+        plan.flat = plan.last = None

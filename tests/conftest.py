@@ -50,3 +50,28 @@ def smollm2_vlm():
     torch.manual_seed(0)
     cfg = tiny_model_config(llm=LLMConfig.make("smollm2"))
     return VisionLanguageModel.from_config(cfg).eval()
+
+
+def lively_model(hf_config: dict | None = None, **parts):  # noqa: ANN201
+    """A tiny VLM whose answers vary with the prompt and the image (large init range, open xattn gates)."""
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    torch.manual_seed(0)
+    hf_config = {"initializer_range": 0.3, **(hf_config or {})}
+    cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config=hf_config), **parts)
+    model = VisionLanguageModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)  # xattn: images change the answer
+    return model
+
+
+def user_turn(text: str, images: int = 0) -> list[dict]:
+    """A one-message conversation: `images` image parts, then the text."""
+    return [
+        {
+            "role": "user",
+            "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}],
+        }
+    ]

@@ -9,15 +9,14 @@ import dataclasses
 import pytest
 import torch
 
-from vlmkit.config import BridgeConfig, LLMConfig
+from vlmkit.config import BridgeConfig
 from vlmkit.infer.engine import Engine, RowSink
 from vlmkit.infer.generate import ChatRequest, Predictor
 from vlmkit.infer.image_cache import ImageFeatureCache
 from vlmkit.models.fusion.xattn import XAttnFusionConfig
 from vlmkit.models.generation import GenerationConfig
-from vlmkit.models.vlm import VisionLanguageModel
 
-from conftest import random_image, tiny_model_config
+from conftest import lively_model, random_image, user_turn
 
 ARCHITECTURES = {
     "mlp": {},
@@ -26,27 +25,6 @@ ARCHITECTURES = {
     "cross_attn": {"bridge": BridgeConfig.make("cross_attn")},
     "xattn": {"fusion": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
 }
-
-
-def lively(**parts) -> VisionLanguageModel:
-    """A tiny VLM with a large init range (answers vary with the prompt and the image) and open xattn gates."""
-    torch.manual_seed(0)
-    cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config={"initializer_range": 0.3}), **parts)
-    model = VisionLanguageModel.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.fill_(0.8)  # xattn: images change the answer
-    return model
-
-
-def _ask(text: str, images: int = 0) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}],
-        }
-    ]
 
 
 class Recorder:
@@ -89,20 +67,20 @@ def _run(engine: Engine, limit: int = 500) -> None:
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_rows_that_join_a_running_batch_get_their_solo_answers(arch):
-    model = lively(**ARCHITECTURES[arch])
+    model = lively_model(**ARCHITECTURES[arch])
     predictor = Predictor(model)
     greedy = GenerationConfig(eos_token_ids=[-1])
     requests = [
         ChatRequest(
-            _ask("what is in the picture?", 1),
+            user_turn("what is in the picture?", 1),
             [random_image(1)],
             dataclasses.replace(greedy, max_new_tokens=24),
         ),
         ChatRequest(
-            _ask("hello there, how are you today?"), [], dataclasses.replace(greedy, max_new_tokens=5)
+            user_turn("hello there, how are you today?"), [], dataclasses.replace(greedy, max_new_tokens=5)
         ),
         ChatRequest(
-            _ask("compare the two", 2),
+            user_turn("compare the two", 2),
             [random_image(2, (60, 30)), random_image(3)],
             dataclasses.replace(greedy, max_new_tokens=7),
         ),
@@ -130,7 +108,7 @@ def test_rows_that_join_a_running_batch_get_their_solo_answers(arch):
 
 
 def test_each_row_samples_with_its_own_settings_in_one_batch():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
     base = GenerationConfig(max_new_tokens=8, eos_token_ids=[-1])
     configs = [
@@ -140,7 +118,7 @@ def test_each_row_samples_with_its_own_settings_in_one_batch():
             base, do_sample=True, temperature=0.9, top_p=0.8, top_k=20, seed=11, max_new_tokens=5
         ),
     ]
-    requests = [ChatRequest(_ask(f"tell me story number {i}"), [], c) for i, c in enumerate(configs)]
+    requests = [ChatRequest(user_turn(f"tell me story number {i}"), [], c) for i, c in enumerate(configs)]
     solo = [predictor.generate([r])[0] for r in requests]
     engine = Engine(predictor, max_rows=3)
     recs = [_add(engine, r) for r in requests]
@@ -156,24 +134,24 @@ def test_each_row_samples_with_its_own_settings_in_one_batch():
 
 
 def test_stop_strings_and_budgets_end_rows_while_others_go_on():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
-    free = predictor.chat(_ask("second one"), max_new_tokens=10, eos_token_ids=[-1]).text
+    free = predictor.chat(user_turn("second one"), max_new_tokens=10, eos_token_ids=[-1]).text
     stop = free[4:6]
     engine = Engine(predictor, max_rows=4)
     short = _add(
-        engine, ChatRequest(_ask("first"), [], GenerationConfig(max_new_tokens=2, eos_token_ids=[-1]))
+        engine, ChatRequest(user_turn("first"), [], GenerationConfig(max_new_tokens=2, eos_token_ids=[-1]))
     )
     stopped = _add(
         engine,
         ChatRequest(
-            _ask("second one"),
+            user_turn("second one"),
             [],
             GenerationConfig(max_new_tokens=10, eos_token_ids=[-1], stop_strings=[stop]),
         ),
     )
     long = _add(
-        engine, ChatRequest(_ask("third"), [], GenerationConfig(max_new_tokens=12, eos_token_ids=[-1]))
+        engine, ChatRequest(user_turn("third"), [], GenerationConfig(max_new_tokens=12, eos_token_ids=[-1]))
     )
     _run(engine)
     assert short.result.completion_tokens == 2 and short.result.finish_reason == "length"
@@ -183,13 +161,13 @@ def test_stop_strings_and_budgets_end_rows_while_others_go_on():
 
 
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected():
-    model = lively(**ARCHITECTURES["xattn"])
+    model = lively_model(**ARCHITECTURES["xattn"])
     predictor = Predictor(model)
     config = GenerationConfig(max_new_tokens=12, eos_token_ids=[-1])
-    keep = ChatRequest(_ask("keep going", 1), [random_image(4)], config)
+    keep = ChatRequest(user_turn("keep going", 1), [random_image(4)], config)
     expected = predictor.generate([keep])[0]
     engine = Engine(predictor, max_rows=4)
-    gone = _add(engine, ChatRequest(_ask("I will leave", 1), [random_image(5)], config))
+    gone = _add(engine, ChatRequest(user_turn("I will leave", 1), [random_image(5)], config))
     kept = _add(engine, keep)
     for _ in range(3):
         engine.step()
@@ -203,16 +181,16 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unaffected()
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
     engine = Engine(predictor, max_rows=4, prefill_chunk=8)
     config = GenerationConfig(max_new_tokens=30, eos_token_ids=[-1])
-    running = [_add(engine, ChatRequest(_ask(f"row {i}"), [], config)) for i in range(2)]
+    running = [_add(engine, ChatRequest(user_turn(f"row {i}"), [], config)) for i in range(2)]
     engine.step()  # nothing was decoding: both prompts prefilled at once, no budget
     assert engine.batch.size == 2 and engine.stats.prefill_tokens == sum(
-        len(engine.prepare(ChatRequest(_ask(f"row {i}"), [], config)).ids) for i in range(2)
+        len(engine.prepare(ChatRequest(user_turn(f"row {i}"), [], config)).ids) for i in range(2)
     )
-    long_request = ChatRequest(_ask("a long question " * 12), [], config)
+    long_request = ChatRequest(user_turn("a long question " * 12), [], config)
     prompt = len(engine.prepare(long_request).ids)
     assert prompt > 3 * 8
     late = _add(engine, long_request)
@@ -233,10 +211,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps():
 
 
 def test_prefill_order_is_first_come_first_served_and_respects_max_rows():
-    model = lively()
+    model = lively_model()
     engine = Engine(Predictor(model), max_rows=2, prefill_chunk=1000)
     config = GenerationConfig(max_new_tokens=3, eos_token_ids=[-1])
-    recs = [_add(engine, ChatRequest(_ask(f"q{i}"), [], config)) for i in range(4)]
+    recs = [_add(engine, ChatRequest(user_turn(f"q{i}"), [], config)) for i in range(4)]
     engine.step()
     assert engine.batch.size == 2 and engine.queued == 2  # two wait for a free row
     assert recs[0].first_step is not None and recs[1].first_step is not None
@@ -247,7 +225,7 @@ def test_prefill_order_is_first_come_first_served_and_respects_max_rows():
 
 
 def test_image_features_are_cached_by_bytes_and_model():
-    model = lively(**ARCHITECTURES["qformer"])
+    model = lively_model(**ARCHITECTURES["qformer"])
     predictor = Predictor(model)
     calls = []
     model.vision.register_forward_hook(lambda *a: calls.append(1))
@@ -257,7 +235,7 @@ def test_image_features_are_cached_by_bytes_and_model():
     image = random_image(9)
 
     def ask(key: str, img=image):
-        rec = _add(engine, ChatRequest(_ask("what?", 1), [img], config, image_keys=[key]))
+        rec = _add(engine, ChatRequest(user_turn("what?", 1), [img], config, image_keys=[key]))
         _run(engine)
         return rec.result
 
@@ -268,13 +246,13 @@ def test_image_features_are_cached_by_bytes_and_model():
     assert (
         again.token_ids
         == first.token_ids
-        == predictor.generate([ChatRequest(_ask("what?", 1), [image], config)])[0].token_ids
+        == predictor.generate([ChatRequest(user_turn("what?", 1), [image], config)])[0].token_ids
     )
     ask("other", random_image(10))
     assert cache.misses == 2 and len(cache) == 2
     # keyed by the model too: another model's engine sharing the cache misses
-    other = Engine(Predictor(lively()), image_cache=cache)
-    rec = _add(other, ChatRequest(_ask("what?", 1), [image], config, image_keys=["abc"]))
+    other = Engine(Predictor(lively_model()), image_cache=cache)
+    rec = _add(other, ChatRequest(user_turn("what?", 1), [image], config, image_keys=["abc"]))
     _run(other)
     assert cache.misses == 3 and rec.result is not None
 
@@ -299,8 +277,10 @@ def test_prepacked_linears_compute_what_the_plain_ones_do():
 
     if not available():
         pytest.skip("PyTorch without oneDNN")
-    model = lively(**ARCHITECTURES["xattn"])
-    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    model = lively_model(**ARCHITECTURES["xattn"])
+    requests = [
+        ChatRequest(user_turn("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))
+    ]
     expected = Predictor(model).generate(requests)[0].token_ids
     keys = set(model.state_dict())
     batch = Predictor(model).prepare(requests)[0]
@@ -317,7 +297,7 @@ def test_prepacked_linears_compute_what_the_plain_ones_do():
     rec = _add(engine, requests[0])
     _run(engine)
     assert rec.result.token_ids == expected
-    bf16 = lively().to(torch.bfloat16)
+    bf16 = lively_model().to(torch.bfloat16)
     prepack_linears(bf16)
     assert Predictor(bf16).generate(requests)[0].completion_tokens == 6
 
@@ -327,11 +307,11 @@ def test_fused_projections_compute_what_the_separate_ones_do():
 
     if not available():
         pytest.skip("PyTorch without oneDNN")
-    model = lively()
+    model = lively_model()
     requests = [
-        ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6)),
+        ChatRequest(user_turn("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6)),
         ChatRequest(
-            _ask("and this one, in detail?", 1), [random_image(2)], GenerationConfig(max_new_tokens=9)
+            user_turn("and this one, in detail?", 1), [random_image(2)], GenerationConfig(max_new_tokens=9)
         ),
     ]
     expected = [r.token_ids for r in Predictor(model).generate(requests)]
@@ -362,16 +342,16 @@ def test_fused_projections_compute_what_the_separate_ones_do():
 
 
 def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
     calls = []
     model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     greedy = GenerationConfig(max_new_tokens=5, eos_token_ids=[-1])
     requests = [
-        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], greedy),
-        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], greedy),
-        ChatRequest(_ask("hello there"), [], greedy),
-        ChatRequest(_ask("and this one?", 1), [random_image(4)], greedy),
+        ChatRequest(user_turn("what is in the picture?", 1), [random_image(1)], greedy),
+        ChatRequest(user_turn("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], greedy),
+        ChatRequest(user_turn("hello there"), [], greedy),
+        ChatRequest(user_turn("and this one?", 1), [random_image(4)], greedy),
     ]
     solo = [predictor.generate([r])[0].token_ids for r in requests]
     calls.clear()
@@ -396,7 +376,7 @@ def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
 
     engine = Engine(predictor, max_rows=4)
     ok = _add(engine, requests[0])
-    bad = _add(engine, ChatRequest(_ask("what?", 1), [NotAnImage()], greedy))
+    bad = _add(engine, ChatRequest(user_turn("what?", 1), [NotAnImage()], greedy))
     _run(engine)
     assert ok.result.token_ids == solo[0] and not ok.errors
     assert len(bad.errors) == 1 and bad.result is None
@@ -408,8 +388,10 @@ def test_build_predictor_fuses_the_llm_projections_when_it_prepacks(tmp_path):
 
     if not available():
         pytest.skip("PyTorch without oneDNN")
-    model = lively()
-    requests = [ChatRequest(_ask("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))]
+    model = lively_model()
+    requests = [
+        ChatRequest(user_turn("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=6))
+    ]
     expected = Predictor(model).generate(requests)[0].token_ids
     model.save_pretrained(tmp_path / "model")
 

@@ -19,7 +19,7 @@ from vlmkit.models.fusion.xattn import XAttnFusionConfig
 from vlmkit.models.generation import GenerationConfig
 from vlmkit.models.vlm import VisionLanguageModel
 
-from conftest import random_image, tiny_model_config
+from conftest import lively_model, random_image, tiny_model_config, user_turn
 
 GREEDY = GenerationConfig(max_new_tokens=12, eos_token_ids=[-1])
 ARCHITECTURES = {
@@ -27,28 +27,6 @@ ARCHITECTURES = {
     "qformer": {"bridge": BridgeConfig.make("qformer", num_queries=4)},
     "xattn": {"fusion": XAttnFusionConfig(mode="xattn", every=1, heads=2)},
 }
-
-
-def lively(hf_config: dict | None = None, **parts) -> VisionLanguageModel:
-    """A tiny VLM whose answers vary with the prompt and the image (large init range, open xattn gates)."""
-    torch.manual_seed(0)
-    hf_config = {"initializer_range": 0.3, **(hf_config or {})}
-    cfg = tiny_model_config(llm=LLMConfig.make("tiny", hf_config=hf_config), **parts)
-    model = VisionLanguageModel.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.fill_(0.8)
-    return model
-
-
-def _ask(text: str, images: int = 0) -> list[dict]:
-    return [
-        {
-            "role": "user",
-            "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}],
-        }
-    ]
 
 
 class _Rec:
@@ -76,11 +54,11 @@ def _run(engine: Engine) -> None:
 
 def _requests() -> list[ChatRequest]:
     return [
-        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
+        ChatRequest(user_turn("what is in the picture?", 1), [random_image(1)], GREEDY),
         ChatRequest(
-            _ask("hello there, how are you today?"), [], dataclasses.replace(GREEDY, max_new_tokens=5)
+            user_turn("hello there, how are you today?"), [], dataclasses.replace(GREEDY, max_new_tokens=5)
         ),
-        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], GREEDY),
+        ChatRequest(user_turn("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], GREEDY),
     ]
 
 
@@ -121,7 +99,7 @@ def _assert_same(predictor: Predictor, requests: list[ChatRequest] | None = None
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_lean_forward_gives_transformers_logits_bit_for_bit(arch):
-    model = lively(**ARCHITECTURES[arch])
+    model = lively_model(**ARCHITECTURES[arch])
     assert unsupported(model) is None
     engine = _assert_same(Predictor(model))
     if arch == "xattn":  # the cross-attention blocks ran inside the lean forward
@@ -132,7 +110,7 @@ def test_lean_forward_gives_transformers_logits_bit_for_bit(arch):
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)])  # grouped-query attention, and one KV head per query head
 def test_lean_forward_matches_with_packed_and_fused_linears(dtype, heads):
     """The serving path: weights in fp32 or bf16, linears prepacked for oneDNN and q/k/v, gate/up fused."""
-    model = lively({"num_attention_heads": heads[0], "num_key_value_heads": heads[1]}).to(dtype)
+    model = lively_model({"num_attention_heads": heads[0], "num_key_value_heads": heads[1]}).to(dtype)
     if available():
         assert fuse_projections(model.llm) == 2 * len(model.llm.layers)
         assert prepack_linears(model) > 0
@@ -142,7 +120,7 @@ def test_lean_forward_matches_with_packed_and_fused_linears(dtype, heads):
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_lean_forward_covers_the_other_llama_families(family):
     """Qwen2 (q/k/v with biases) and Mistral decoders, plain and prepacked."""
-    model = lively({"model_type": family, "attention_bias": True})
+    model = lively_model({"model_type": family, "attention_bias": True})
     assert type(model.llm.decoder).__name__ == f"{family.capitalize()}Model"
     if family == "qwen2":
         assert model.llm.layers[0].self_attn.q_proj.bias is not None
@@ -172,10 +150,10 @@ def test_other_llms_and_calls_fall_back_to_the_models_forward(monkeypatch):
     assert rec.result.token_ids == predictor.generate([request])[0].token_ids
 
     # another device than the CPU (where bit-identity is tested) is not taken
-    assert "on meta" in unsupported(lively().to("meta"))
+    assert "on meta" in unsupported(lively_model().to("meta"))
 
     # eager attention (its numerics differ from SDPA's) is not taken
-    model = lively()
+    model = lively_model()
     model.llm.set_attention("eager")
     assert "attention 'eager'" in unsupported(model)
     model.llm.set_attention("sdpa")
@@ -216,15 +194,15 @@ def _calls(engine: Engine) -> list[tuple[int, int]]:
 
 
 def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answers():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
     requests = [
-        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
+        ChatRequest(user_turn("what is in the picture?", 1), [random_image(1)], GREEDY),
         ChatRequest(
-            _ask("a row that ends at its first token"), [], dataclasses.replace(GREEDY, max_new_tokens=1)
+            user_turn("a row that ends at its first token"), [], dataclasses.replace(GREEDY, max_new_tokens=1)
         ),
-        ChatRequest(_ask("hello there, how are you today? tell me more"), [], GREEDY),
-        ChatRequest(_ask("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], GREEDY),
+        ChatRequest(user_turn("hello there, how are you today? tell me more"), [], GREEDY),
+        ChatRequest(user_turn("compare the two", 2), [random_image(2, (60, 30)), random_image(3)], GREEDY),
     ]
     solo = [predictor.generate([r])[0].token_ids for r in requests]
     lengths = [Engine(predictor).prepare(r).prompt_tokens for r in requests]
@@ -260,9 +238,9 @@ def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answer
 
 
 def test_a_failed_prefill_together_goes_again_row_by_row():
-    model = lively()
+    model = lively_model()
     predictor = Predictor(model)
-    requests = [ChatRequest(_ask(f"question number {i}"), [], GREEDY) for i in range(3)]
+    requests = [ChatRequest(user_turn(f"question number {i}"), [], GREEDY) for i in range(3)]
     solo = [predictor.generate([r])[0].token_ids for r in requests]
     engine = Engine(predictor, max_rows=4, prefill_together=True)
     failures = []
@@ -280,14 +258,14 @@ def test_a_failed_prefill_together_goes_again_row_by_row():
 
 
 def test_xattn_rows_with_images_are_prefilled_alone():
-    model = lively(**ARCHITECTURES["xattn"])
+    model = lively_model(**ARCHITECTURES["xattn"])
     predictor = Predictor(model)
     requests = [
-        ChatRequest(_ask("hello there"), [], GREEDY),
-        ChatRequest(_ask("and you?"), [], GREEDY),
-        ChatRequest(_ask("what is in the picture?", 1), [random_image(1)], GREEDY),
-        ChatRequest(_ask("one more"), [], GREEDY),
-        ChatRequest(_ask("and the last one"), [], GREEDY),
+        ChatRequest(user_turn("hello there"), [], GREEDY),
+        ChatRequest(user_turn("and you?"), [], GREEDY),
+        ChatRequest(user_turn("what is in the picture?", 1), [random_image(1)], GREEDY),
+        ChatRequest(user_turn("one more"), [], GREEDY),
+        ChatRequest(user_turn("and the last one"), [], GREEDY),
     ]
     solo = [predictor.generate([r])[0].token_ids for r in requests]
     engine = Engine(predictor, max_rows=5, prefill_together=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,9 @@ from PIL import Image
 
 from vlmkit.config import BridgeConfig, FusionConfig, LLMConfig, ModelConfig, VisionConfig
 from vlmkit.models.vision import VISION_TOWERS, ViTConfig
+
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VisionLanguageModel
 
 # every registered tower's tiny test configs ("clip", "siglip", ... for the `hf` kind): a new tower is covered
 # by the generated tests with no edit here
@@ -52,7 +57,7 @@ def smollm2_vlm():
     return VisionLanguageModel.from_config(cfg).eval()
 
 
-def lively_model(hf_config: dict | None = None, **parts):  # noqa: ANN201
+def lively_model(hf_config: dict | None = None, **parts) -> VisionLanguageModel:
     """A tiny VLM whose answers vary with the prompt and the image (large init range, open xattn gates)."""
     from vlmkit.models.vlm import VisionLanguageModel
 

@@ -262,16 +262,8 @@ class ObjectSlotsBridge(Bridge):
         self.prefix = WordTable([slots.prefix], llm_dim) if slots.prefix else None
 
     def bind_llm(self, llm: Any) -> None:
-        for table in [
-            *self.tables,
-            self.filler,
-            self.digits,
-            self.numbers,
-            self.separator,
-            self.counts,
-            self.prefix,
-        ]:
-            if table is not None:
+        for table in self.modules():  # every word table this layout uses (the optional ones only when set)
+            if isinstance(table, WordTable):
                 table.bind_llm(llm)
 
     @property

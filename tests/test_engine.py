@@ -362,9 +362,11 @@ def test_rows_starting_together_have_their_images_encoded_in_one_tower_call():
     _run(engine)
     assert calls == [3, 1]  # the fourth waited for a free row
     assert [rec.result.token_ids for rec in recs] == solo
-    # groups hold at most `prefill_chunk` prompt tokens: with room for one prompt, one tower call per row
+    # groups hold at most `prefill_chunk` prompt tokens while rows decode, `prefill_burst` while none does: with
+    # room for one prompt, one tower call per row
     calls.clear()
-    engine = Engine(predictor, max_rows=3, prefill_chunk=engine.prepare(requests[0]).prompt_tokens)
+    one = engine.prepare(requests[0]).prompt_tokens
+    engine = Engine(predictor, max_rows=3, prefill_chunk=one, prefill_burst=one)
     recs = [_add(engine, r) for r in requests]
     _run(engine)
     assert calls == [1, 2, 1]

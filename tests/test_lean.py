@@ -207,11 +207,11 @@ def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answer
     solo = [predictor.generate([r])[0].token_ids for r in requests]
     lengths = [Engine(predictor).prepare(r).prompt_tokens for r in requests]
     assert len(set(lengths)) == len(lengths)  # right padding is exercised
-    engine = Engine(predictor, max_rows=4, prefill_chunk=sum(lengths[:3]), prefill_together=True)
+    engine = Engine(predictor, max_rows=4, prefill_chunk=8, prefill_burst=sum(lengths[:3]))
     shapes = _calls(engine)
     recs = [_add(engine, r) for r in requests]
     engine.step()
-    # nothing decoding: the first three prompts (within prefill_chunk tokens) in one call, then the last alone
+    # nothing decoding: the first three prompts (within prefill_burst tokens) in one call, then the last alone
     assert shapes == [(3, max(lengths[:3])), (1, lengths[3])]
     assert recs[1].result is not None and len(recs[1].result.token_ids) == 1  # done at once: its slot freed
     assert engine.batch.size == 3
@@ -219,7 +219,7 @@ def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answer
     assert [rec.result.token_ids for rec in recs] == solo
 
     # rows decoding: a group stays within one chunk's tokens, so the streams wait no longer than before
-    engine = Engine(predictor, max_rows=4, prefill_chunk=lengths[0] + lengths[2], prefill_together=True)
+    engine = Engine(predictor, max_rows=4, prefill_chunk=lengths[0] + lengths[2])
     shapes = _calls(engine)
     first = _add(engine, requests[3])
     engine.step()
@@ -229,8 +229,8 @@ def test_rows_arriving_together_are_prefilled_in_one_call_with_their_solo_answer
     _run(engine)
     assert [rec.result.token_ids for rec in [first, *others]] == [solo[3], solo[0], solo[2]]
 
-    # off (the default): one row at a time
-    engine = Engine(predictor, max_rows=4)
+    # off: one row at a time
+    engine = Engine(predictor, max_rows=4, prefill_together=False)
     shapes = _calls(engine)
     recs = [_add(engine, r) for r in requests]
     _run(engine)
@@ -245,7 +245,7 @@ def test_a_failed_prefill_together_goes_again_row_by_row():
     engine = Engine(predictor, max_rows=4, prefill_together=True)
     failures = []
 
-    def broken(inputs):
+    def broken(inputs, prefixes=None, reuse=0):
         failures.append(len(inputs))
         raise RuntimeError("out of memory")
 

@@ -606,6 +606,15 @@ def test_qformer_and_xattn_models_are_served_with_the_same_features(parts):
         assert before["vlmkit_image_cache_misses_total"] == 3 and before["vlmkit_image_cache_hits_total"] == 0
         assert after["vlmkit_image_cache_hits_total"] == 1 and after["vlmkit_image_cache_misses_total"] == 3
         assert after["vlmkit_image_cache_entries"] == 3 and after["vlmkit_image_cache_bytes"] > 0
+        # the same prompt again: its keys and values from the prefix cache (prefix fusion); xattn rows with
+        # images attend to more than the cache holds: never kept nor reused
+        if "fusion" in parts:
+            assert (
+                after["vlmkit_prefix_cache_entries"] == 0 and after["vlmkit_prompt_tokens_reused_total"] == 0
+            )
+        else:
+            assert after["vlmkit_prefix_cache_entries"] == 3 and after["vlmkit_prefix_cache_hits_total"] >= 1
+            assert after["vlmkit_prompt_tokens_reused_total"] > before["vlmkit_prompt_tokens_reused_total"]
         assert after["vlmkit_time_to_first_token_seconds_count"] == 4
         assert after["vlmkit_generation_tokens_total"] == 24
         assert after["vlmkit_inter_token_latency_seconds_count"] == 20
@@ -716,9 +725,14 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     assert not _server_config(windows, web=False).continuous_batching
     assert config.lean_decode  # the lean LLM forward by default (tests/test_lean.py), off on request
     plain = build_parser().parse_args(["serve", "m", "--no-lean-decode"])
-    assert not _server_config(plain, web=False).lean_decode and not config.prefill_together
-    together = build_parser().parse_args(["serve", "m", "--prefill-together"])
-    assert _server_config(together, web=False).prefill_together
+    assert not _server_config(plain, web=False).lean_decode
+    assert config.prefill_together and config.prefill_burst == 1024 and config.prefix_cache_mb == 64
+    apart = build_parser().parse_args(
+        ["serve", "m", "--no-prefill-together", "--prefill-burst", "300", "--prefix-cache-mb", "0"]
+    )
+    apart_config = _server_config(apart, web=False)
+    assert not apart_config.prefill_together and apart_config.prefill_burst == 300
+    assert apart_config.prefix_cache_mb == 0
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web
     assert defaults.media.image_formats == ("PNG", "JPEG", "WEBP", "GIF", "BMP")

@@ -58,7 +58,9 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
         prefill_chunk=args.prefill_chunk,
         lean_decode=not args.no_lean_decode,
         prefill_together=args.prefill_together,
+        prefill_burst=args.prefill_burst,
         image_cache_mb=args.image_cache_mb,
+        prefix_cache_mb=args.prefix_cache_mb,
         batch_window_ms=args.batch_window_ms,
         batch_max_wait_ms=args.batch_max_wait_ms,
         max_queue=args.max_queue,
@@ -133,6 +135,13 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         help="memory for the image-feature cache (visual tokens by image bytes, LRU); 0 turns it off",
     )
     g.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=64.0,
+        help="memory for the prefix cache (keys and values of earlier prompts and answers that a new prompt "
+        "starts with: a shared system prompt, a conversation's earlier turns; LRU); 0 turns it off",
+    )
+    g.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -156,9 +165,16 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     )
     g.add_argument(
         "--prefill-together",
-        action="store_true",
-        help="with the lean forward, prefill the whole prompts of requests starting in a step in one LLM call, up "
-        "to --prefill-chunk tokens (more prompt tokens/s, later first tokens of a burst)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with the lean forward, prefill the whole prompts of requests starting in a step in one LLM call: up "
+        "to --prefill-chunk tokens while others decode, --prefill-burst while none does (on by default)",
+    )
+    g.add_argument(
+        "--prefill-burst",
+        type=int,
+        default=1024,
+        help="prompt tokens prefilled in one call while no request decodes (a burst of arrivals)",
     )
     g.add_argument(
         "--batch-window-ms",

@@ -35,8 +35,10 @@ class ServerConfig:
     )
     prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
     lean_decode: bool = True  # Llama-family LLMs run through infer/lean.py (continuous batching only)
-    prefill_together: bool = False  # with lean_decode: whole prompts starting in a step in one LLM call
+    prefill_together: bool = True  # with lean_decode: whole prompts starting in a step in one LLM call
+    prefill_burst: int = 1024  # ...of at most this many prompt tokens while nothing decodes
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off
+    prefix_cache_mb: float = 64.0  # keys and values of earlier prompts and answers, LRU; 0: off
     model_cpus: int | None = None  # pin the model thread to this many cores (None: not pinned)
     max_queue: int = 256  # queued requests beyond this get HTTP 429
     default_max_tokens: int = 256

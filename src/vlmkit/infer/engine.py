@@ -26,6 +26,7 @@ from vlmkit.data.processor import Layout
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
 from vlmkit.infer.lean import LeanLLM
+from vlmkit.infer.prefix_cache import KV, PrefixCache, content_key
 from vlmkit.log import get_logger
 from vlmkit.models.fusion import LLMInputs
 from vlmkit.models.generation import GenerationConfig, select_rows
@@ -65,6 +66,8 @@ class Row:
     visual: torch.Tensor | None = None  # its images' visual tokens, once encoded ahead of its prefill
     inputs: LLMInputs | None = None  # its LLM inputs, once made (for a prefill with other rows)
     solo: bool = False  # prefilled alone (a prefill with other rows failed)
+    content: torch.Tensor | None = None  # its prompt's content key (prefix cache), once made
+    cacheable: bool = False  # its keys and values may go to the prefix cache when it ends
 
     @property
     def prompt_tokens(self) -> int:
@@ -80,6 +83,7 @@ class EngineStats:
     decode_steps: int = 0
     decoded_rows: int = 0  # rows over all decode steps (decoded_rows / decode_steps: the mean batch size)
     prefill_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     finished: collections.Counter = field(default_factory=collections.Counter)
     ttft: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
     itl: collections.deque = field(default_factory=lambda: collections.deque(maxlen=16384))
@@ -114,14 +118,20 @@ class Engine:
         stats: EngineStats | None = None,
         encode_ahead: bool = True,
         lean: bool = True,
-        prefill_together: bool = False,
+        prefill_together: bool = True,
+        prefill_burst: int = 1024,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`);
         `lean`: run a Llama-family LLM through the lean forward (`infer/lean.py`; the model's own forward where it
         does not apply); `prefill_together`: with the lean forward, prefill the whole prompts of rows starting in a
-        step in one LLM call (`_prefill_together`: more prompt tokens/s, later first tokens; docs/serving.md)."""
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        step in one LLM call (`_prefill_together`), at most `prefill_chunk` prompt tokens per call while other rows
+        decode and `prefill_burst` while none does (a burst of arrivals: docs/serving.md); `prefix_cache`: reuse
+        the keys and values of earlier prompts (and answers) that a new prompt starts with (infer/prefix_cache.py)."""
+        if prefill_chunk < 1 or prefill_burst < 1:
+            raise ValueError(
+                f"prefill_chunk and prefill_burst must be >= 1, got {prefill_chunk}, {prefill_burst}"
+            )
         self.predictor = predictor
         self.model = predictor.model
         self.processor = predictor.processor
@@ -129,7 +139,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.encode_ahead = encode_ahead
         self.prefill_together = prefill_together
+        self.prefill_burst = prefill_burst
         self.image_cache = image_cache
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes > 0 else None
         self.stats = stats or EngineStats()
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -239,7 +251,10 @@ class Engine:
                     self._finish(row)
                     continue
                 try:
-                    self.batch.begin(row.inputs or self._inputs(row))
+                    inputs = row.inputs or self._inputs(row)
+                    prefix, reuse = self._prefix(row, inputs)
+                    self.batch.begin(inputs, prefix, reuse)
+                    self.stats.reused_tokens += self.batch.pending.done  # type: ignore[union-attr]
                     row.inputs = None
                 except Exception as err:
                     logger.warning("request refused while preparing its inputs: %s", err)
@@ -275,7 +290,7 @@ class Engine:
         never stalls the decoding rows longer than one chunk would, and a burst of arrivals gets its first tokens
         group by group), rows without fusion keyword arguments only. Returns the prompt tokens prefilled (0: fewer
         than two rows qualified; the caller goes on row by row)."""
-        budget = min(budget, self.prefill_chunk)
+        budget = min(budget, self._group_tokens())
         free = self.max_rows - self.batch.size
         rows: list[Row] = []
         tokens = 0
@@ -303,16 +318,24 @@ class Engine:
             return 0
         for _ in rows:
             self.waiting.popleft()
+        matches = [self._prefix(row, row.inputs) for row in rows]  # type: ignore[arg-type]
+        reuse = min(n for _, n in matches)
+        prefixes = [kv for kv, _ in matches] if reuse else None
         try:
             with self._gate(rows):
-                logits = self.batch.prefill_many([row.inputs for row in rows])  # type: ignore[misc]
+                logits = self.batch.prefill_many(
+                    [row.inputs for row in rows],  # type: ignore[misc]
+                    prefixes,  # type: ignore[arg-type]
+                    reuse,
+                )
         except Exception:  # which row broke it is unknown: each goes again on its own
             logger.exception("prefill of %d rows together failed; prefilling them one by one", len(rows))
             for row in reversed(rows):
                 row.solo = True
                 self.waiting.appendleft(row)
             return 0
-        self.stats.prefill_tokens += tokens
+        self.stats.prefill_tokens += tokens - reuse * len(rows)
+        self.stats.reused_tokens += reuse * len(rows)
         next_tokens = select_rows(logits.float(), [r.config for r in rows], [r.generator for r in rows])
         done = [self._push(row, token) for row, token in zip(rows, next_tokens.tolist())]
         self.batch.admit_many([not d for d in done])
@@ -330,7 +353,7 @@ class Engine:
         encoded in groups, so the first rows' first tokens do not wait for every tower, and a step never does more
         tower work than one row at a time would) in one tower call instead of one call per row. A failure leaves
         it to each row."""
-        budget = min(budget, self.prefill_chunk)
+        budget = min(budget, self._group_tokens())
         free = self.max_rows - self.batch.size - (self.prefilling is not None)
         tokens = 0 if self.prefilling is None else self.prefilling.prompt_tokens
         starting: list[Row] = []
@@ -347,6 +370,11 @@ class Engine:
                 row.visual = visual
         except Exception as err:  # a bad image: each row meets its own error when its prefill starts
             logger.debug("images not encoded ahead: %s", err)
+
+    def _group_tokens(self) -> int:
+        """The most prompt tokens prefilled (and images encoded) in one call: `prefill_chunk` while rows decode
+        (their next token waits for it), `prefill_burst` while none does (nobody waits but the arrivals)."""
+        return self.prefill_chunk if self.rows else max(self.prefill_chunk, self.prefill_burst)
 
     def _decode(self) -> None:
         tokens = torch.tensor([row.token for row in self.rows], device=self.device)
@@ -368,9 +396,46 @@ class Engine:
         ]
         if done:
             rows = [self.rows[i] for i in done]
+            self._keep_prefixes(done)
             self._remove(done)
             for row in rows:
                 self._finish(row)
+
+    # ------------------------------------------------------------------------------------ prefix cache
+    def _prefix(self, row: Row, inputs: LLMInputs) -> tuple[KV | None, int]:
+        """The cached keys and values a row's prompt may start from and how many positions they cover."""
+        if (
+            self.prefix_cache is None or inputs.kwargs
+        ):  # fusion arguments (xattn): the layers see more than KV
+            return None, 0
+        row.cacheable = True
+        return self.prefix_cache.match(self._content(row), row.prompt_tokens - 1)
+
+    def _content(self, row: Row) -> torch.Tensor:
+        if row.content is None:
+            request = row.request
+            keys = list(request.image_keys or [])
+            if len(keys) != len(request.images):
+                keys = [pixels_key(im) for im in request.images]
+            # an image-gated adapter changes every position's keys: rows with and without images differ
+            context = 0 if self.model.lora_gate is None else 1 + bool(request.images)
+            row.content = content_key(row.ids, self.model.image_token_id, keys, context)
+        return row.content
+
+    def _keep_prefixes(self, indices: Sequence[int]) -> None:
+        """Before rows leave: their prompt and answer keys and values (all but the newest token, not yet fed)
+        go to the prefix cache."""
+        if self.prefix_cache is None:
+            return
+        for i in indices:
+            row = self.rows[i]
+            length = self.batch.lengths[i]
+            if not row.cacheable or row.content is None:
+                continue
+            answer = torch.tensor(row.stream.tokens[: length - row.prompt_tokens], dtype=torch.long)  # type: ignore[union-attr]
+            key = torch.cat([row.content, answer])
+            if len(key) == length + 1:
+                self.prefix_cache.put(key, self.batch.cache.read(i, length))
 
     def _gate(self, rows: Sequence[Row]) -> Any:
         """An image-gated LoRA (`lora.gate: image`) acts only on the rows whose request has an image."""

@@ -1,5 +1,5 @@
 """`GET /metrics` in Prometheus' text format: queue length, batch size, tokens and tokens/s, time to first token and
-inter-token latency, and the image-feature cache's hits, misses and size. One registry per app (no global state)."""
+inter-token latency, the image-feature cache's hits, misses and size, and the prefix cache's. One registry per app (no global state)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 from vlmkit.infer.engine import EngineStats
 from vlmkit.infer.image_cache import ImageFeatureCache
+from vlmkit.infer.prefix_cache import PrefixCache
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (
@@ -35,10 +36,12 @@ _LATENCY_BUCKETS = (
 
 
 class _Counters(Collector):
-    """Counters read from the engine's stats and the image cache when scraped."""
+    """Counters read from the engine's stats and the caches when scraped."""
 
-    def __init__(self, stats: EngineStats | None, cache: ImageFeatureCache | None) -> None:
-        self.stats, self.cache = stats, cache
+    def __init__(
+        self, stats: EngineStats | None, cache: ImageFeatureCache | None, prefixes: PrefixCache | None
+    ) -> None:
+        self.stats, self.cache, self.prefixes = stats, cache, prefixes
 
     def collect(self) -> Iterator[Any]:
         if self.stats is not None:
@@ -59,6 +62,11 @@ class _Counters(Collector):
                 "tokens generated per second over the last 10 s",
                 value=self.stats.tokens_per_second(),
             )
+            yield CounterMetricFamily(
+                "vlmkit_prompt_tokens_reused",
+                "prompt tokens whose keys and values came from the prefix cache (not prefilled)",
+                value=self.stats.reused_tokens,
+            )
         if self.cache is not None:
             cache = self.cache
             yield CounterMetricFamily("vlmkit_image_cache_hits", "image-feature cache hits", value=cache.hits)
@@ -77,6 +85,27 @@ class _Counters(Collector):
             yield GaugeMetricFamily(
                 "vlmkit_image_cache_max_bytes", "the cache's size limit", value=cache.max_bytes
             )
+        if self.prefixes is not None:
+            prefixes = self.prefixes
+            yield CounterMetricFamily(
+                "vlmkit_prefix_cache_hits",
+                "prompts that started from cached keys and values",
+                value=prefixes.hits,
+            )
+            yield CounterMetricFamily(
+                "vlmkit_prefix_cache_misses", "prompts with no cached prefix", value=prefixes.misses
+            )
+            yield CounterMetricFamily(
+                "vlmkit_prefix_cache_evictions",
+                "entries dropped to stay under the size",
+                value=prefixes.evictions,
+            )
+            yield GaugeMetricFamily(
+                "vlmkit_prefix_cache_bytes", "bytes of cached keys and values", value=prefixes.nbytes
+            )
+            yield GaugeMetricFamily(
+                "vlmkit_prefix_cache_entries", "prompts in the cache", value=len(prefixes)
+            )
 
 
 class ServerMetrics:
@@ -88,6 +117,7 @@ class ServerMetrics:
         batch_size: Callable[[], float],
         stats: EngineStats | None = None,
         cache: ImageFeatureCache | None = None,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         Gauge("vlmkit_queue_length", "requests waiting to be decoded", registry=self.registry).set_function(
@@ -108,7 +138,7 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_Counters(stats, cache))
+        self.registry.register(_Counters(stats, cache, prefixes))
         if stats is not None:
             stats.observers.append(self.observe)
 

@@ -32,6 +32,7 @@ from vlmkit.infer.health import health_problems
 from vlmkit.infer.image_cache import ImageFeatureCache, bytes_key
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
 from vlmkit.infer.metrics import CONTENT_TYPE, ServerMetrics
+from vlmkit.infer.prefix_cache import PrefixCache
 from vlmkit.infer.prepack import fuse_projections, prepack_linears
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
@@ -154,9 +155,12 @@ _STREAM_DOC = {
 def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app: /v1/chat/completions, /v1/models, /health (+ the web demo at / if enabled)."""
     config = config or ServerConfig()
-    engine = image_cache = stats = None
+    engine = image_cache = prefix_cache = stats = None
     if isinstance(backend, Predictor) and config.continuous_batching:
         image_cache = ImageFeatureCache(int(config.image_cache_mb * 2**20))
+        prefix_cache = (
+            PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb > 0 else None
+        )
         stats = EngineStats()
         engine = Engine(
             backend,
@@ -165,10 +169,12 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             image_cache=image_cache,
             lean=config.lean_decode,
             prefill_together=config.prefill_together,
+            prefill_burst=config.prefill_burst,
+            prefix_cache=prefix_cache,
             stats=stats,
         )
     worker = BatchWorker(backend, config, engine)
-    metrics = ServerMetrics(lambda: worker.queued, lambda: worker.decoding, stats, image_cache)
+    metrics = ServerMetrics(lambda: worker.queued, lambda: worker.decoding, stats, image_cache, prefix_cache)
     loads: dict[object, float] = {}  # image loads in flight -> their start
 
     @contextlib.asynccontextmanager

@@ -26,6 +26,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from vlmkit.models.fusion import Fusion, LLMInputs
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]], Any]
+KV = list[
+    tuple[torch.Tensor, torch.Tensor]
+]  # per decoder layer: keys, values [kv_heads, n, head_dim] of one row
 
 
 @dataclass
@@ -112,6 +115,13 @@ class SlotLayer(CacheLayerMixin):
             self.keys[dst, :, :length] = self.keys[src, :, :length]
             self.values[dst, :, :length] = self.values[src, :, :length]
 
+    def write(self, slot: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """keys/values [H, >= length, D] of one row -> the first `length` positions of `slot`."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys[None, :, :0], values[None, :, :0])
+        self.keys[slot, :, :length] = keys[:, :length]
+        self.values[slot, :, :length] = values[:, :length]
+
 
 class SlotCache(Cache):
     """A transformers `Cache` whose rows live in fixed slots of preallocated buffers (see the module docstring)."""
@@ -136,6 +146,20 @@ class SlotCache(Cache):
         """Copy the first `length` positions of slot `src` into slot `dst`."""
         for layer in self.layers:
             layer.move(src, dst, length)
+
+    def write(self, slot: int, kv: KV, length: int) -> None:
+        """The first `length` positions of a row's keys and values (`kv`, e.g. a cached prompt prefix) -> `slot`."""
+        self.reserve(length)
+        for layer, (keys, values) in zip(self.layers, kv):
+            layer.write(slot, keys, values, length)
+
+    def read(self, slot: int, length: int) -> KV:
+        """A copy of the first `length` positions of `slot`'s keys and values (nothing for an unused cache)."""
+        return [
+            (layer.keys[slot, :, :length].clone(), layer.values[slot, :, :length].clone())
+            for layer in self.layers
+            if layer.is_initialized
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -196,13 +220,18 @@ class RowBatch:
     def full(self) -> bool:
         return self.size >= self.max_rows
 
-    def begin(self, inputs: LLMInputs) -> None:
-        """Start prefilling a new row: `inputs` hold its whole prompt (one row: embeds [1, T, D])."""
+    def begin(self, inputs: LLMInputs, prefix: KV | None = None, reuse: int = 0) -> None:
+        """Start prefilling a new row: `inputs` hold its whole prompt (one row: embeds [1, T, D]); with `prefix`
+        (keys and values of a prompt starting like this one), its first `reuse` positions are copied instead of
+        prefilled."""
         if self.pending is not None:
             raise RuntimeError("a row is already being prefilled")
         if inputs.embeds.shape[0] != 1 or inputs.embeds.shape[1] < 1:
             raise ValueError(f"a row's prompt must be [1, T>=1, D]; got {tuple(inputs.embeds.shape)}")
-        self.pending = _Prefill(inputs)
+        reuse = self._reuse(inputs, prefix, reuse)
+        if reuse:
+            self.cache.write(self.cache.slots - 1, prefix, reuse)  # type: ignore[arg-type]
+        self.pending = _Prefill(inputs, done=reuse)
 
     def prefill(self, budget: int) -> tuple[int, torch.Tensor | None]:
         """Feed up to `budget` prompt tokens of the pending row -> (tokens fed, logits [V] of its last prompt token
@@ -241,10 +270,13 @@ class RowBatch:
         self.pending, self._joining = None, None
         return index
 
-    def prefill_many(self, inputs: list[LLMInputs]) -> torch.Tensor:
+    def prefill_many(
+        self, inputs: list[LLMInputs], prefixes: list[KV] | None = None, reuse: int = 0
+    ) -> torch.Tensor:
         """Prefill several whole prompts (embeds [1, T_i, D] each, no fusion keyword arguments) in one call, right-
         padded, straight into the next free decode slots -> each row's logits [k, V] of its last prompt token. Then
-        `admit_many` says which rows join. Needs `multi_prefill` (the step function honours `plan.last`)."""
+        `admit_many` says which rows join. Needs `multi_prefill` (the step function honours `plan.last`). With
+        `prefixes` (one per row), every row's first `reuse` positions are copied from its prefix instead."""
         if not self.multi_prefill:
             raise RuntimeError("this step function cannot prefill several prompts in one call")
         if self.pending is not None or self._group is not None:
@@ -255,20 +287,25 @@ class RowBatch:
         if any(x.kwargs or x.embeds.shape[0] != 1 or x.embeds.shape[1] < 1 for x in inputs):
             raise ValueError("prefill_many takes prompts [1, T>=1, D] without fusion keyword arguments")
         lengths = [int(x.embeds.shape[1]) for x in inputs]
+        if prefixes is None or len(prefixes) != k:
+            reuse = 0
+        reuse = min([reuse] + [self._reuse(x, p, reuse) for x, p in zip(inputs, prefixes or [None] * k)])
         length = max(lengths)
         self.cache.reserve(length)
+        if reuse:
+            for i, prefix in enumerate(prefixes):  # type: ignore[arg-type]
+                self.cache.write(self.size + i, prefix, reuse)
         first = inputs[0].embeds
-        embeds = first.new_zeros(k, length, first.shape[2])
+        embeds = first.new_zeros(k, length - reuse, first.shape[2])
         for i, x in enumerate(inputs):
-            embeds[i, : lengths[i]] = x.embeds[0]
-        positions = torch.arange(length, device=first.device)
+            embeds[i, : lengths[i] - reuse] = x.embeds[0, reuse:]
+        keys = torch.arange(length, device=first.device)
+        positions = keys[reuse:]  # [t]
         last = torch.tensor(lengths, device=first.device) - 1  # [k]
         # causal, and no key past a row's prompt (a padded query still sees its row's prompt: no empty row)
-        mask = (positions[None, :] <= positions[:, None])[None] & (positions[None, :] <= last[:, None])[
-            :, None
-        ]
-        self._plan(slice(self.size, self.size + k), torch.zeros_like(last), length)
-        self.cache.plan.last = last
+        mask = (keys[None, :] <= positions[:, None])[None] & (keys[None, :] <= last[:, None])[:, None]
+        self._plan(slice(self.size, self.size + k), torch.full_like(last, reuse), length)
+        self.cache.plan.last = last - reuse
         out = self.step_fn(embeds, mask[:, None], positions[None].expand(k, -1), self.cache, {})
         self._group = lengths
         return out.logits[:, -1]
@@ -287,6 +324,14 @@ class RowBatch:
                 joined += 1
         if joined:
             self.kwargs = self.fusion.join([self.kwargs, {}], [base, joined])
+
+    @staticmethod
+    def _reuse(inputs: LLMInputs, prefix: KV | None, reuse: int) -> int:
+        """How many positions of a prompt a prefix may give: all it covers but the last prompt token (its logits
+        are needed), none with fusion keyword arguments (their layers see more than the cache)."""
+        if prefix is None or not prefix or inputs.kwargs:
+            return 0
+        return max(0, min(reuse, inputs.embeds.shape[1] - 1, prefix[0][0].shape[1]))
 
     def discard(self) -> None:
         """Drop the row being prefilled (cancelled, or its prefill failed)."""

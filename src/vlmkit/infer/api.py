@@ -28,13 +28,16 @@ class ServerConfig:
 
     model_name: str = "vlmkit"
     max_batch: int = 32  # rows decoding together (continuous batching), or requests per generate call
-    batch_window_ms: float = 10.0  # an idle server starts once no request has arrived for this long...
+    batch_window_ms: float = 30.0  # an idle server starts once no request has arrived for this long...
     batch_max_wait_ms: float = 100.0  # ...or this long after its first request (while others are admitted)
     continuous_batching: bool = (
         True  # requests join / leave the running batch at every step (Predictor backends)
     )
     prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
     lean_decode: bool = True  # Llama-family LLMs run through infer/lean.py (continuous batching only)
+    attention_kernel: bool = (
+        True  # with lean_decode: decode attention by infer/attention_kernel.py where it builds
+    )
     prefill_together: bool = True  # with lean_decode: whole prompts starting in a step in one LLM call
     prefill_burst: int = 1024  # ...of at most this many prompt tokens while nothing decodes
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off

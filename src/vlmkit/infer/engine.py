@@ -121,13 +121,16 @@ class Engine:
         prefill_together: bool = True,
         prefill_burst: int = 1024,
         prefix_cache: PrefixCache | None = None,
+        attention_kernel: bool = True,
     ) -> None:
         """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`);
         `lean`: run a Llama-family LLM through the lean forward (`infer/lean.py`; the model's own forward where it
         does not apply); `prefill_together`: with the lean forward, prefill the whole prompts of rows starting in a
         step in one LLM call (`_prefill_together`), at most `prefill_chunk` prompt tokens per call while other rows
         decode and `prefill_burst` while none does (a burst of arrivals: docs/serving.md); `prefix_cache`: reuse
-        the keys and values of earlier prompts (and answers) that a new prompt starts with (infer/prefix_cache.py)."""
+        the keys and values of earlier prompts (and answers) that a new prompt starts with (infer/prefix_cache.py);
+        `attention_kernel`: with the lean forward, decode steps' attention by infer/attention_kernel.py where it
+        builds (not bit-identical to SDPA)."""
         if prefill_chunk < 1 or prefill_burst < 1:
             raise ValueError(
                 f"prefill_chunk and prefill_burst must be >= 1, got {prefill_chunk}, {prefill_burst}"
@@ -153,7 +156,7 @@ class Engine:
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
-        self.lean = LeanLLM.build(self.model) if lean else None
+        self.lean = LeanLLM.build(self.model, kernel=attention_kernel) if lean else None
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:

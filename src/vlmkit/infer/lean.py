@@ -14,7 +14,10 @@ per layer (rotate_half for q and for k), RMSNorm as 8 ops, and the projections' 
   rotary module, so any rope scaling it implements is kept);
 * the new keys/values written in place into the `SlotCache` buffers (one `index_copy_` each), SDPA over views of
   them with the mask `RowBatch` built (made additive once per call, as SDPA would in every layer), the query packed
-  per KV head for one-token steps as transformers does.
+  per KV head for one-token steps as transformers does;
+* for one-token steps, with `kernel` (infer/attention_kernel.py, the server's default where it builds), that
+  kernel instead of SDPA: each row attends to its first position + 1 keys (the mask `RowBatch.decode` builds),
+  ~2x faster at serving sizes, not bit-identical (fp32 probabilities; tests/test_attention_kernel.py).
 
 It applies on CPU (where its bit-identity is tested) when every decoder layer is a known Llama-family layer
 (`FAMILIES`: the decoder's forward is embed -> layers -> norm, each layer pre-norm attention + gated MLP, no extra
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlmkit.infer import attention_kernel
 from vlmkit.infer.prepack import FusedProjection, PackedLinear
 from vlmkit.log import get_logger
 from vlmkit.models.fusion.xattn import MEDIA_KWARG, XAttnDecoderLayer
@@ -116,10 +120,13 @@ class LeanLLM:
 
     selects_rows = True  # honours `plan.last` (RowBatch.prefill_many)
 
-    def __init__(self, model: Any, fallback: Callable[..., Any]) -> None:
+    def __init__(
+        self, model: Any, fallback: Callable[..., Any], kernel: attention_kernel.Kernel | None = None
+    ) -> None:
         """Use `build`, which checks that `model` (a VisionLanguageModel) has the structure this assumes."""
         llm = model.llm
         self.fallback = fallback
+        self.kernel = kernel
         self.decoder = llm.decoder
         config = self.decoder.config
         self.heads = int(config.num_attention_heads)
@@ -158,14 +165,28 @@ class LeanLLM:
         )
 
     @classmethod
-    def build(cls, model: Any, fallback: Callable[..., Any] | None = None) -> LeanLLM | None:
-        """The lean forward of `model`'s LLM, or None (the reason logged) where it does not apply."""
+    def build(
+        cls, model: Any, fallback: Callable[..., Any] | None = None, kernel: bool = False
+    ) -> LeanLLM | None:
+        """The lean forward of `model`'s LLM, or None (the reason logged) where it does not apply; `kernel`: run
+        decode steps' attention through infer/attention_kernel.py where it builds and fits the model."""
         reason = unsupported(model)
         if reason is not None:
             logger.info("lean decode off: %s; the model's own forward is used", reason)
             return None
-        logger.info("lean decode on: %s", type(model.llm.decoder).__name__)
-        return cls(model, fallback or model._step)
+        config = model.llm.decoder.config
+        heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+        dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        dtype = next(model.llm.parameters()).dtype
+        fast = None
+        if kernel and attention_kernel.supports(dim, heads // kv_heads, dtype):
+            fast = attention_kernel.load()
+        logger.info(
+            "lean decode on: %s (decode attention: %s)",
+            type(model.llm.decoder).__name__,
+            "vlmkit kernel" if fast is not None else "SDPA",
+        )
+        return cls(model, fallback or model._step, fast)
 
     # ------------------------------------------------------------------------------------ forward
     def __call__(
@@ -198,6 +219,8 @@ class LeanLLM:
             mask, zero, torch.full((), float("-inf"), dtype=embeds.dtype, device=embeds.device)
         )
         decode = t == 1
+        kernel = self.kernel if decode else None
+        valid = plan.starts + 1 if kernel is not None else None  # keys per row: up to its new position
         if (
             decode and plan.flat is None
         ):  # where each (row, kv head) writes in a [slots * H * capacity, dim] view
@@ -227,7 +250,10 @@ class LeanLLM:
                 decode
             ):  # one query per row: the heads sharing a KV head as its queries (transformers' pack_gqa)
                 q = qk[:, 0, :heads].view(b, kv_heads, rep, dim)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+                if kernel is not None:
+                    out = kernel(q, k, v, valid, self.scaling)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
                 out = out.reshape(b, 1, heads * dim)
             else:
                 q = qk[:, :, :heads].transpose(1, 2)  # [B, H, t, dim]

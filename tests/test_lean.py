@@ -66,9 +66,9 @@ def _serve(
     predictor: Predictor, lean: bool, requests: list[ChatRequest], kernel: bool = False
 ) -> tuple[Engine, list, list]:
     """Run `requests` through an engine (rows joining a running batch, prompts in chunks) -> the engine, each
-    row's tokens and the logits of every LLM call. `kernel`: decode attention by infer/attention_kernel.py (not
+    row's tokens and the logits of every LLM call. `kernel`: decode steps by infer/kernels.py (not
     bit-identical; off for the comparisons with transformers' forward)."""
-    engine = Engine(predictor, max_rows=4, prefill_chunk=6, lean=lean, attention_kernel=kernel)
+    engine = Engine(predictor, max_rows=4, prefill_chunk=6, lean=lean, cpu_kernels=kernel)
     calls: list[torch.Tensor] = []
     step = engine.batch.step_fn
 

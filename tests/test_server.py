@@ -727,14 +727,14 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     plain = build_parser().parse_args(["serve", "m", "--no-lean-decode"])
     assert not _server_config(plain, web=False).lean_decode
     assert config.prefill_together and config.prefill_burst == 1024 and config.prefix_cache_mb == 64
-    assert config.attention_kernel and config.batch_window_ms == 5
+    assert config.cpu_kernels and config.batch_window_ms == 5
     apart = build_parser().parse_args(
         ["serve", "m", "--no-prefill-together", "--prefill-burst", "300", "--prefix-cache-mb", "0"]
-        + ["--no-attention-kernel"]
+        + ["--no-cpu-kernels"]
     )
     apart_config = _server_config(apart, web=False)
     assert not apart_config.prefill_together and apart_config.prefill_burst == 300
-    assert apart_config.prefix_cache_mb == 0 and not apart_config.attention_kernel
+    assert apart_config.prefix_cache_mb == 0 and not apart_config.cpu_kernels
     assert _server_config(build_parser().parse_args(["serve", "m"]), web=False).batch_window_ms == 30
     defaults = _server_config(build_parser().parse_args(["web", "m"]), web=True)
     assert not defaults.media.allow_remote and defaults.media.allowed_local_paths == [] and defaults.web

@@ -57,7 +57,7 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
         continuous_batching=not args.no_continuous_batching,
         prefill_chunk=args.prefill_chunk,
         lean_decode=not args.no_lean_decode,
-        attention_kernel=not args.no_attention_kernel,
+        cpu_kernels=not args.no_cpu_kernels,
         prefill_together=args.prefill_together,
         prefill_burst=args.prefill_burst,
         image_cache_mb=args.image_cache_mb,
@@ -165,10 +165,11 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         "slower; other LLMs always use transformers')",
     )
     g.add_argument(
-        "--no-attention-kernel",
+        "--no-cpu-kernels",
         action="store_true",
-        help="decode attention by PyTorch's SDPA instead of vlmkit's CPU kernel (built with the C++ compiler on "
-        "first use; about 2x faster at one query per row; SDPA where it cannot be built)",
+        help="run decode steps with PyTorch's ops only, not vlmkit's CPU kernels (RoPE + cache write + attention, "
+        "residual add + RMSNorm, SiLU * up; built with the C++ compiler on first use, PyTorch's ops where they "
+        "cannot be built)",
     )
     g.add_argument(
         "--prefill-together",

@@ -35,9 +35,7 @@ class ServerConfig:
     )
     prefill_chunk: int = 256  # prompt tokens prefilled per step while other rows decode
     lean_decode: bool = True  # Llama-family LLMs run through infer/lean.py (continuous batching only)
-    attention_kernel: bool = (
-        True  # with lean_decode: decode attention by infer/attention_kernel.py where it builds
-    )
+    cpu_kernels: bool = True  # with lean_decode: decode steps by infer/kernels.py where they build
     prefill_together: bool = True  # with lean_decode: whole prompts starting in a step in one LLM call
     prefill_burst: int = 1024  # ...of at most this many prompt tokens while nothing decodes
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off

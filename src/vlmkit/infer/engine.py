@@ -121,7 +121,7 @@ class Engine:
         prefill_together: bool = True,
         prefill_burst: int = 1024,
         prefix_cache: PrefixCache | None = None,
-        attention_kernel: bool = True,
+        cpu_kernels: bool = True,
     ) -> None:
         """`encode_ahead`: encode the images of rows starting in a step in one tower call (`_encode_ahead`);
         `lean`: run a Llama-family LLM through the lean forward (`infer/lean.py`; the model's own forward where it
@@ -129,8 +129,8 @@ class Engine:
         step in one LLM call (`_prefill_together`), at most `prefill_chunk` prompt tokens per call while other rows
         decode and `prefill_burst` while none does (a burst of arrivals: docs/serving.md); `prefix_cache`: reuse
         the keys and values of earlier prompts (and answers) that a new prompt starts with (infer/prefix_cache.py);
-        `attention_kernel`: with the lean forward, decode steps' attention by infer/attention_kernel.py where it
-        builds (not bit-identical to SDPA)."""
+        `cpu_kernels`: with the lean forward, decode steps by infer/kernels.py where they build (not
+        bit-identical to PyTorch's ops)."""
         if prefill_chunk < 1 or prefill_burst < 1:
             raise ValueError(
                 f"prefill_chunk and prefill_burst must be >= 1, got {prefill_chunk}, {prefill_burst}"
@@ -156,7 +156,7 @@ class Engine:
         self.waiting: collections.deque[Row] = collections.deque()
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
-        self.lean = LeanLLM.build(self.model, kernel=attention_kernel) if lean else None
+        self.lean = LeanLLM.build(self.model, kernels=cpu_kernels) if lean else None
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:

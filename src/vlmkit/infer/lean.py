@@ -15,9 +15,12 @@ per layer (rotate_half for q and for k), RMSNorm as 8 ops, and the projections' 
 * the new keys/values written in place into the `SlotCache` buffers (one `index_copy_` each), SDPA over views of
   them with the mask `RowBatch` built (made additive once per call, as SDPA would in every layer), the query packed
   per KV head for one-token steps as transformers does;
-* for one-token steps, with `kernel` (infer/attention_kernel.py, the server's default where it builds), that
-  kernel instead of SDPA: each row attends to its first position + 1 keys (the mask `RowBatch.decode` builds),
-  ~2x faster at serving sizes, not bit-identical (fp32 probabilities; tests/test_attention_kernel.py).
+* for one-token steps, with `kernels` (infer/kernels.py, the server's default where they build): per layer the
+  q/k/v linear, one kernel for RoPE + the cache writes + attention (each row attends to its first position + 1
+  keys: the mask `RowBatch.decode` builds), the output linear, one kernel for the residual add + the next RMSNorm,
+  the gate/up linear, one kernel for SiLU * up, the down linear — 8 calls instead of ~25; not bit-identical (fp32
+  attention probabilities, sums in another order; tests/test_kernels.py). Where a layer does not fit (another
+  activation, mixed dtypes), the step runs op by op with the attention kernel alone.
 
 It applies on CPU (where its bit-identity is tested) when every decoder layer is a known Llama-family layer
 (`FAMILIES`: the decoder's forward is embed -> layers -> norm, each layer pre-norm attention + gated MLP, no extra
@@ -41,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlmkit.infer import attention_kernel
+from vlmkit.infer import kernels as cpu_kernels
 from vlmkit.infer.prepack import FusedProjection, PackedLinear
 from vlmkit.log import get_logger
 from vlmkit.models.fusion.xattn import MEDIA_KWARG, XAttnDecoderLayer
@@ -121,12 +124,12 @@ class LeanLLM:
     selects_rows = True  # honours `plan.last` (RowBatch.prefill_many)
 
     def __init__(
-        self, model: Any, fallback: Callable[..., Any], kernel: attention_kernel.Kernel | None = None
+        self, model: Any, fallback: Callable[..., Any], kernels: cpu_kernels.Kernels | None = None
     ) -> None:
         """Use `build`, which checks that `model` (a VisionLanguageModel) has the structure this assumes."""
         llm = model.llm
         self.fallback = fallback
-        self.kernel = kernel
+        self.kernels = kernels
         self.decoder = llm.decoder
         config = self.decoder.config
         self.heads = int(config.num_attention_heads)
@@ -140,6 +143,11 @@ class LeanLLM:
         self.lm_head = head
         self.layers = [self._layer(layer) for layer in self.decoder.layers[: config.num_hidden_layers]]
         self.scaling = float(_inner(self.decoder.layers[0]).self_attn.scaling)
+        dtype = self.final_norm.dtype
+        self.fused = kernels is not None and all(
+            layer.act is F.silu and layer.norm1.dtype == dtype and layer.norm2.dtype == dtype
+            for layer in self.layers
+        )
 
     @staticmethod
     def _layer(layer: nn.Module) -> _Layer:
@@ -149,7 +157,9 @@ class LeanLLM:
         gate_up = _group([mlp.gate_proj, mlp.up_proj])
         o_proj, down = _linear(attn.o_proj), _linear(mlp.down_proj)
         assert qkv is not None and gate_up is not None and o_proj is not None and down is not None
-        act = F.silu if type(mlp.act_fn) is nn.SiLU else mlp.act_fn
+        # torch's SiLU module or transformers' (whose forward is F.silu)
+        silu = type(mlp.act_fn) is nn.SiLU or type(mlp.act_fn).__name__ == "SiLUActivation"
+        act = F.silu if silu else mlp.act_fn
         return _Layer(
             norm1=inner.input_layernorm.weight,
             eps1=float(inner.input_layernorm.variance_epsilon),
@@ -166,10 +176,10 @@ class LeanLLM:
 
     @classmethod
     def build(
-        cls, model: Any, fallback: Callable[..., Any] | None = None, kernel: bool = False
+        cls, model: Any, fallback: Callable[..., Any] | None = None, kernels: bool = False
     ) -> LeanLLM | None:
-        """The lean forward of `model`'s LLM, or None (the reason logged) where it does not apply; `kernel`: run
-        decode steps' attention through infer/attention_kernel.py where it builds and fits the model."""
+        """The lean forward of `model`'s LLM, or None (the reason logged) where it does not apply; `kernels`: run
+        decode steps through infer/kernels.py where they build and fit the model."""
         reason = unsupported(model)
         if reason is not None:
             logger.info("lean decode off: %s; the model's own forward is used", reason)
@@ -179,14 +189,19 @@ class LeanLLM:
         dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         dtype = next(model.llm.parameters()).dtype
         fast = None
-        if kernel and attention_kernel.supports(dim, heads // kv_heads, dtype):
-            fast = attention_kernel.load()
+        if kernels and cpu_kernels.supports(dim, heads // kv_heads, dtype):
+            fast = cpu_kernels.load()
+        lean = cls(model, fallback or model._step, fast)
         logger.info(
-            "lean decode on: %s (decode attention: %s)",
+            "lean decode on: %s (decode steps: %s)",
             type(model.llm.decoder).__name__,
-            "vlmkit kernel" if fast is not None else "SDPA",
+            "PyTorch ops"
+            if fast is None
+            else "vlmkit kernels"
+            if lean.fused
+            else "PyTorch ops + attention kernel",
         )
-        return cls(model, fallback or model._step, fast)
+        return lean
 
     # ------------------------------------------------------------------------------------ forward
     def __call__(
@@ -211,6 +226,8 @@ class LeanLLM:
         rep = heads // kv_heads
         half = dim // 2
         cos, sin = self.rotary(embeds, position_ids)  # [B, t, dim] each, in the embeddings' dtype
+        if t == 1 and self.fused and cache.plan.slots.start == 0:  # a decode step: rows in slots 0..B-1
+            return self._decode_fused(embeds, cos[:, 0], sin[:, 0], cache, media)
         cos = cos[:, :, None]  # [B, t, 1, dim]: broadcast over the heads
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         # SDPA turns a boolean mask into an additive one at every call: once here (the same values: 0 / -inf)
@@ -219,7 +236,7 @@ class LeanLLM:
             mask, zero, torch.full((), float("-inf"), dtype=embeds.dtype, device=embeds.device)
         )
         decode = t == 1
-        kernel = self.kernel if decode else None
+        kernel = self.kernels.decode_attention if decode and self.kernels is not None else None
         valid = plan.starts + 1 if kernel is not None else None  # keys per row: up to its new position
         if (
             decode and plan.flat is None
@@ -271,6 +288,36 @@ class LeanLLM:
             hidden = hidden[torch.arange(b, device=hidden.device), plan.last][:, None]
         last = _rms_norm(hidden[:, -1:], self.final_norm, self.final_eps)
         return LeanOutput(self.lm_head(last))
+
+    def _decode_fused(
+        self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, media: Any
+    ) -> LeanOutput:
+        """One decode step with the kernels (module docstring): embeds [B, 1, D], cos/sin [B, dim] of each row's
+        position (rows in cache slots 0..B-1, each writing at `plan.starts`)."""
+        ops = self.kernels
+        plan = cache.plan
+        hidden = embeds[:, 0]  # [B, D]
+        x: torch.Tensor | None = None
+        layers = self.layers
+        for index, layer in enumerate(layers):
+            if layer.xattn is not None and media is not None:
+                hidden = layer.xattn.cross_attend(hidden[:, None], media)[:, 0]
+                x = None
+            if x is None:
+                x = _rms_norm(hidden, layer.norm1, layer.eps1)
+            keys, values = _buffers(cache.layers[index], embeds, self.kv_heads, self.head_dim)
+            out = ops.rope_attention(
+                layer.qkv(x), cos, sin, keys, values, plan.starts, self.heads, self.kv_heads, self.scaling
+            )
+            hidden, x = ops.add_rms_norm(hidden, layer.o_proj(out), layer.norm2, layer.eps2)
+            delta = layer.down(ops.silu_and_mul(layer.gate_up(x)))
+            if index + 1 == len(layers):
+                hidden, x = ops.add_rms_norm(hidden, delta, self.final_norm, self.final_eps)
+            elif layers[index + 1].xattn is not None and media is not None:
+                hidden, x = hidden + delta, None  # its cross-attention comes before its norm
+            else:
+                hidden, x = ops.add_rms_norm(hidden, delta, layers[index + 1].norm1, layers[index + 1].eps1)
+        return LeanOutput(self.lm_head(x[:, None]))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -171,7 +171,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             prefill_together=config.prefill_together,
             prefill_burst=config.prefill_burst,
             prefix_cache=prefix_cache,
-            attention_kernel=config.attention_kernel,
+            cpu_kernels=config.cpu_kernels,
             stats=stats,
         )
     worker = BatchWorker(backend, config, engine)

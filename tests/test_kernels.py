@@ -1,0 +1,168 @@
+"""The CPU decode kernels (infer/kernels.py, csrc/decode.cpp): they build where a compiler is found; the attention
+matches an fp64 reference as closely as SDPA does (fp32 and bf16, grouped-query heads, strided cache views, rows of
+different lengths); RoPE and the cache writes are PyTorch's bit for bit, the residual add + RMSNorm and SiLU * up
+within one rounding; and the served model keeps its answers with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlmkit.infer import kernels as cpu_kernels
+from vlmkit.infer.engine import Engine
+from vlmkit.infer.generate import Predictor
+from vlmkit.infer.prepack import available, fuse_projections, prepack_linears
+
+from conftest import lively_model
+from test_lean import _requests, _serve
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    reason = cpu_kernels.unavailable()
+    if reason is not None:
+        pytest.skip(f"the kernels cannot be built here: {reason}")
+    loaded = cpu_kernels.load()
+    assert loaded is not None, f"a compiler is here but the kernels did not build: {cpu_kernels.why_not()}"
+    return loaded
+
+
+def _case(rows: int, kv_heads: int, rep: int, dim: int, length: int, dtype: torch.dtype, seed: int):
+    """q [B, KV, R, D]; k, v: views [B, KV, L, D] of larger cache buffers (as the engine's slots); valid [B]."""
+    g = torch.Generator().manual_seed(seed)
+    cache_k = torch.randn(rows + 1, kv_heads, length + 37, dim, generator=g).to(dtype)
+    cache_v = torch.randn(rows + 1, kv_heads, length + 37, dim, generator=g).to(dtype)
+    q = (2 * torch.randn(rows, kv_heads, rep, dim, generator=g)).to(dtype)
+    valid = torch.randint(1, length + 1, (rows,), generator=g)
+    valid[0] = length
+    return q, cache_k[:rows, :, :length], cache_v[:rows, :, :length], valid
+
+
+def _reference(q, k, v, valid, scale, dtype=torch.float64):
+    mask = (torch.arange(k.shape[2])[None, :] < valid[:, None])[:, None, None]  # [B, 1, 1, L]
+    return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 3, 3, 64, 150), (3, 2, 2, 8, 17), (2, 4, 1, 128, 40), (2, 2, 4, 20, 9), (2, 1, 1, 96, 1)],
+    ids=["smollm2", "tiny", "mha-128", "odd-dim", "one-key"],
+)
+def test_the_kernel_is_as_close_to_exact_attention_as_sdpa(kernel, dtype, shape):
+    rows, kv_heads, rep, dim, length = shape
+    q, k, v, valid = _case(rows, kv_heads, rep, dim, length, dtype, seed=sum(shape))
+    scale = dim**-0.5
+    exact = _reference(q, k, v, valid, scale)
+    out = kernel.decode_attention(q, k, v, valid, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    sdpa = _reference(q, k, v, valid, scale, dtype).to(torch.float64)  # SDPA in the served dtype
+    err, sdpa_err = (out.double() - exact).abs().max(), (sdpa - exact).abs().max()
+    if dtype == torch.float32:
+        assert err < 1e-5
+    else:  # one rounding to bf16 of values |x| < ~4: at most 2^-7 * 4 / 2
+        assert err <= max(1.5 * sdpa_err, 2**-6)
+    # a key beyond a row's count changes nothing: garbage past every row's keys
+    k2, v2 = k.clone(), v.clone()
+    for row, n in enumerate(valid.tolist()):
+        k2[row, :, n:] = 1e4
+        v2[row, :, n:] = float("nan")
+    assert torch.equal(kernel.decode_attention(q, k2, v2, valid, scale), out)
+    assert int(valid.min()) < length or length == 1  # the garbage was there
+
+
+def test_the_kernel_refuses_what_it_cannot_do(kernel):
+    q, k, v, valid = _case(2, 2, 2, 16, 5, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        kernel.decode_attention(q, k.transpose(2, 3), v, valid, 0.25)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernel.decode_attention(q, k.double(), v, valid, 0.25)
+    with pytest.raises(RuntimeError, match="one key count per row"):
+        kernel.decode_attention(q, k, v, valid[:1], 0.25)
+    qkv = torch.randn(2, (4 + 2 * 2) * 16)
+    keys = torch.zeros(3, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="position beyond the cache"):
+        kernel.rope_attention(
+            qkv, torch.ones(2, 16), torch.zeros(2, 16), keys, keys.clone(), torch.tensor([0, 8]), 4, 2, 0.25
+        )
+    assert not cpu_kernels.supports(512, 2, torch.float32)
+    assert not cpu_kernels.supports(64, 2, torch.float16)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's last place (bf16: 8 significant bits; fp32: 24)."""
+    bits = 8 if b.dtype == torch.bfloat16 else 24
+    exponent = torch.frexp(b.double())[1]
+    return (a.double() - b.double()).abs() / torch.ldexp(
+        torch.ones_like(b, dtype=torch.float64), exponent - bits
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_writes_are_pytorchs_and_attention_follows(kernel, dtype):
+    g = torch.Generator().manual_seed(1)
+    rows, heads, kv_heads, dim, capacity = 3, 6, 2, 16, 12
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    pos = torch.tensor([4, 0, 9])
+    angle = pos[:, None].double() * torch.linspace(0.1, 1.5, dim // 2, dtype=torch.float64)[None]
+    angle = torch.cat([angle, angle], dim=-1)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    keys = torch.randn(rows + 1, kv_heads, capacity, dim, generator=g).to(dtype)
+    values = torch.randn(rows + 1, kv_heads, capacity, dim, generator=g).to(dtype)
+    ref_k, ref_v = keys.clone(), values.clone()
+    out = kernel.rope_attention(qkv, cos, sin, keys, values, pos, heads, kv_heads, dim**-0.5)
+    # what the lean forward does op by op (transformers' RoPE, each op rounded to the dtype)
+    x = qkv.view(rows, heads + 2 * kv_heads, dim)
+    half = dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    roped = x * cos[:, None] + rotated * sin[:, None]
+    q, k, v = roped[:, :heads], roped[:, heads : heads + kv_heads], x[:, heads + kv_heads :]
+    for b in range(rows):
+        ref_k[b, :, pos[b]] = k[b]
+        ref_v[b, :, pos[b]] = v[b]
+    assert torch.equal(keys, ref_k) and torch.equal(values, ref_v)  # bit for bit, nothing else touched
+    q = q.reshape(rows, kv_heads, heads // kv_heads, dim)
+    exact = _reference(q, ref_k[:rows], ref_v[:rows], pos + 1, dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    assert (out.view(rows, kv_heads, -1, dim).double() - exact).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_rms_norm_and_silu_are_pytorchs_within_one_rounding(kernel, dtype):
+    g = torch.Generator().manual_seed(2)
+    hidden = (3 * torch.randn(5, 96, generator=g)).to(dtype)
+    delta = torch.randn(5, 96, generator=g).to(dtype)
+    weight = (1 + 0.3 * torch.randn(96, generator=g)).to(dtype)
+    total, normed = kernel.add_rms_norm(hidden, delta, weight, 1e-5)
+    ref_total = hidden + delta
+    assert torch.equal(total, ref_total)
+    variance = ref_total.float().pow(2).mean(-1, keepdim=True)
+    ref = weight * (ref_total.float() * torch.rsqrt(variance + 1e-5)).to(dtype)
+    # sums in another order, exp and rsqrt within an ulp of libm's: a rounding or two (fp32: a few ulps)
+    ulps = 2 if dtype == torch.bfloat16 else 8
+    assert _ulps(normed, ref).max() <= ulps
+    gate_up = (4 * torch.randn(5, 2 * 40, generator=g)).to(dtype)
+    act = kernel.silu_and_mul(gate_up)
+    ref_act = F.silu(gate_up[:, :40]) * gate_up[:, 40:]
+    assert act.shape == (5, 40) and _ulps(act, ref_act).max() <= ulps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_served_model_keeps_its_answers_with_the_kernel(kernel, dtype):
+    """Rows joining a running batch, prompts in chunks, packed and fused linears: the same greedy answers as
+    with SDPA, and logits as close as the dtype allows."""
+    model = lively_model({"num_attention_heads": 4, "num_key_value_heads": 2}).to(dtype)
+    if available():
+        fuse_projections(model.llm)
+        prepack_linears(model)
+    predictor = Predictor(model)
+    requests = _requests()
+    plain, plain_tokens, plain_calls = _serve(predictor, True, requests, kernel=False)
+    fast, tokens, calls = _serve(predictor, True, requests, kernel=True)
+    assert plain.lean.kernels is None and fast.lean.kernels is kernel and fast.lean.fused
+    assert tokens == plain_tokens and len(calls) == len(plain_calls) > 10
+    for a, b in zip(calls, plain_calls):
+        tol = 1e-4 if dtype == torch.float32 else 0.05 * float(b.float().std())
+        assert (a.float() - b.float()).abs().max() <= tol
+    assert Engine(predictor, cpu_kernels=False).lean.kernels is None

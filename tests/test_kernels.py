@@ -166,3 +166,20 @@ def test_the_served_model_keeps_its_answers_with_the_kernel(kernel, dtype):
         tol = 1e-4 if dtype == torch.float32 else 0.05 * float(b.float().std())
         assert (a.float() - b.float()).abs().max() <= tol
     assert Engine(predictor, cpu_kernels=False).lean.kernels is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_rope_and_quick_gelu_are_pytorchs(kernel, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 16, generator=g).to(dtype)  # [B, t, heads, D]
+    angle = torch.rand(2, 5, 16, generator=g, dtype=torch.float64) * 6
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    rotated = torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+    ref = (x * cos[:, :, None] + rotated * sin[:, :, None])[:, :, :5]
+    assert torch.equal(kernel.rope(x, cos, sin, 5), ref)  # bit for bit
+    h = (3 * torch.randn(4, 300, generator=g)).to(dtype)
+    ref_gelu = h * torch.sigmoid(1.702 * h)
+    # exp within an ulp or two of PyTorch's: bf16 one rounding; fp32 a few ulps where sigmoid is tiny
+    assert _ulps(kernel.quick_gelu(h), ref_gelu).max() <= (2 if dtype == torch.bfloat16 else 32)
+    tower = torch.nn.Sequential(torch.nn.Linear(4, 4), type("QuickGELUActivation", (torch.nn.Module,), {})())
+    assert cpu_kernels.swap_activations(tower, kernel) == 1 and isinstance(tower[1], cpu_kernels.QuickGELU)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from vlmkit.data.processor import Layout
+from vlmkit.infer import kernels
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
 from vlmkit.infer.lean import LeanLLM
@@ -157,6 +158,10 @@ class Engine:
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
         self.lean = LeanLLM.build(self.model, kernels=cpu_kernels) if lean else None
+        if cpu_kernels and self.device.type == "cpu" and kernels.unavailable() is None:
+            ops = kernels.load()
+            if ops is not None:
+                kernels.swap_activations(self.model.vision, ops)
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:

@@ -135,3 +135,28 @@ def why_not() -> str | None:
 def supports(head_dim: int, rep: int, dtype: torch.dtype) -> bool:
     """Whether the kernels handle this attention shape and dtype."""
     return head_dim <= MAX_DIM and rep <= MAX_REP and dtype in (torch.float32, torch.bfloat16)
+
+
+class QuickGELU(torch.nn.Module):
+    """CLIP's QuickGELU (x * sigmoid(1.702 x)) by `quick_gelu`: one pass instead of three ops (each rounded as
+    PyTorch's)."""
+
+    def __init__(self, kernels: Kernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return self.kernels.quick_gelu(x)
+
+
+def swap_activations(module: torch.nn.Module, kernels: Kernels) -> int:
+    """Replace transformers' QuickGELU modules in `module` (a served vision tower) by `QuickGELU`; returns how many."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "QuickGELUActivation":
+                setattr(parent, name, QuickGELU(kernels))
+                swapped += 1
+    return swapped

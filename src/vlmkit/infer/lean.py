@@ -228,6 +228,8 @@ class LeanLLM:
         cos, sin = self.rotary(embeds, position_ids)  # [B, t, dim] each, in the embeddings' dtype
         if t == 1 and self.fused and cache.plan.slots.start == 0:  # a decode step: rows in slots 0..B-1
             return self._decode_fused(embeds, cos[:, 0], sin[:, 0], cache, media)
+        ops = self.kernels if self.fused else None  # prompt chunks: the elementwise kernels only
+        rope_cos, rope_sin = cos, sin
         cos = cos[:, :, None]  # [B, t, 1, dim]: broadcast over the heads
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
         # SDPA turns a boolean mask into an additive one at every call: once here (the same values: 0 / -inf)
@@ -245,13 +247,20 @@ class LeanLLM:
             head = torch.arange(kv_heads, device=embeds.device)
             plan.flat = ((plan.rows[:, None] * kv_heads + head) * capacity + plan.starts[:, None]).reshape(-1)
         hidden = embeds
-        for index, layer in enumerate(self.layers):
+        x: torch.Tensor | None = None
+        layers = self.layers
+        for index, layer in enumerate(layers):
             if layer.xattn is not None and media is not None:
                 hidden = layer.xattn.cross_attend(hidden, media)
-            x = _rms_norm(hidden, layer.norm1, layer.eps1)
+                x = None
+            if x is None:
+                x = _rms_norm(hidden, layer.norm1, layer.eps1)
             qkv = layer.qkv(x).view(b, t, heads + 2 * kv_heads, dim)
-            qk = qkv[:, :, : heads + kv_heads]
-            qk = qk * cos + qk.roll(half, dims=-1) * sin  # [B, t, H + KV, dim]: RoPE on q and k
+            if ops is not None:
+                qk = ops.rope(qkv, rope_cos, rope_sin, heads + kv_heads)
+            else:
+                qk = qkv[:, :, : heads + kv_heads]
+                qk = qk * cos + qk.roll(half, dims=-1) * sin  # [B, t, H + KV, dim]: RoPE on q and k
             keys, values = _buffers(cache.layers[index], qk, kv_heads, dim)
             new_k, new_v = qk[:, :, heads:], qkv[:, :, heads + kv_heads :]  # [B, t, KV, dim]
             if decode:
@@ -279,11 +288,30 @@ class LeanLLM:
                     v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(b, heads, -1, dim)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
                 out = out.transpose(1, 2).reshape(b, t, heads * dim)
+            if ops is not None:  # residual + norm, SiLU * up, residual + the next norm: one kernel each
+                hidden, x = ops.add_rms_norm(hidden, layer.o_proj(out), layer.norm2, layer.eps2)
+                delta = layer.down(ops.silu_and_mul(layer.gate_up(x)))
+                following = layers[index + 1] if index + 1 < len(layers) else None
+                if following is None:
+                    hidden, x = ops.add_rms_norm(hidden, delta, self.final_norm, self.final_eps)
+                elif following.xattn is not None and media is not None:
+                    hidden, x = hidden + delta, None  # its cross-attention comes before its norm
+                else:
+                    hidden, x = ops.add_rms_norm(hidden, delta, following.norm1, following.eps1)
+                continue
             hidden = hidden + layer.o_proj(out)
             x = _rms_norm(hidden, layer.norm2, layer.eps2)
             gate_up = layer.gate_up(x)
             n = layer.intermediate
             hidden = hidden + layer.down(layer.act(gate_up[..., :n]) * gate_up[..., n:])
+            x = None
+        if ops is not None:  # x: the final norm of every position
+            last = (
+                x[torch.arange(b, device=x.device), plan.last][:, None]
+                if plan.last is not None
+                else x[:, -1:]
+            )
+            return LeanOutput(self.lm_head(last))
         if plan.last is not None:  # right-padded prompts: each row's own last position
             hidden = hidden[torch.arange(b, device=hidden.device), plan.last][:, None]
         last = _rms_norm(hidden[:, -1:], self.final_norm, self.final_eps)

@@ -307,7 +307,68 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// RoPE on the first `count` heads of x [N, heads, D] (q then k of a fused projection) with cos/sin [N, D] of each
+// position, as transformers computes it (x*cos + rotate_half(x)*sin, each op rounded) -> [N, count, D].
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t count) {
+  for (auto* t : {&x, &cos, &sin}) check_cpu(*t, "rope");
+  TORCH_CHECK(x.dim() >= 2 && x.size(-2) >= count, "x must be [..., heads >= count, D]");
+  const int64_t D = x.size(-1), heads = x.size(-2), N = x.numel() / (heads * D);
+  TORCH_CHECK(D % 2 == 0 && cos.numel() == N * D && sin.numel() == N * D, "cos/sin must be [N, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "one dtype");
+  auto xc = x.contiguous(), c = cos.contiguous(), sn = sin.contiguous();
+  auto sizes = xc.sizes().vec();
+  sizes[sizes.size() - 2] = count;
+  auto out = torch::empty(sizes, xc.options());
+  const int64_t half = D / 2;
+  auto body = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(xc);
+    const T* cp = ptr<T>(c);
+    const T* sp = ptr<T>(sn);
+    T* op = ptr<T>(out);
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t h = 0; h < count; ++h) {
+          const T* v = xp + (n * heads + h) * D;
+          T* dst = op + (n * count + h) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const float rot = d < half ? -load(v + d + half) : load(v + d - half);
+            store(dst + d, round_to<T>(load(v + d) * load(cp + n * D + d)) + round_to<T>(rot * load(sp + n * D + d)));
+          }
+        }
+    });
+  };
+  if (xc.scalar_type() == torch::kBFloat16) body(uint16_t{}); else body(float{});
+  return out;
+}
+
+// CLIP's QuickGELU as transformers computes it: x * sigmoid(1.702 * x), each op rounded.
+torch::Tensor quick_gelu(torch::Tensor x) {
+  check_cpu(x, "quick_gelu");
+  auto xc = x.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t N = xc.numel();
+  auto body = [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(xc);
+    T* op = ptr<T>(out);
+    at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float v = load(xp + i);
+        const float t = round_to<T>(1.702f * v);
+        const float e = exp_nonpositive(-std::fabs(t));
+        const float sig = round_to<T>(t >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+        store(op + i, v * sig);
+      }
+    });
+  };
+  if (xc.scalar_type() == torch::kBFloat16) body(uint16_t{}); else body(float{});
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rope", &rope, "RoPE on the first heads of a fused q/k/v projection");
+  m.def("quick_gelu", &quick_gelu, "x * sigmoid(1.702 x)");
   m.def("decode_attention", &decode_attention, "attention of one decode step (q [B,H,R,D], k/v [B,H,L,D], valid [B])");
   m.def("rope_attention", &rope_attention, "RoPE, cache write and attention of one decode step");
   m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm");

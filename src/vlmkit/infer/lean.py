@@ -32,6 +32,10 @@ cannot take is handed to the fallback.
 
 Several whole prompts can go in one call (`RowBatch.prefill_many`): right-padded, each row's logits taken at its
 own last position (`plan.last`).
+
+Over 400 lines: one forward in its forms (op by op as transformers, prompt chunks and decode steps with the CPU
+kernels) over one table of layers, and the structure checks (`unsupported`) that admit a model to it; apart, each
+would repeat the walk over the layers and what it assumes of them.
 """
 
 from __future__ import annotations

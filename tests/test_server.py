@@ -337,6 +337,37 @@ def test_concurrent_requests_share_forward_passes(lively):
         assert reply.usage.completion_tokens == expected.completion_tokens <= limit
 
 
+def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_an_idle_server_prefills_a_burst_while_gathering_it_then_decodes_it_together(lively):
+    """The first request of a burst gets its first token while the server still waits for the others (its prefill
+    does not wait for the window), and the burst's rows decode together once the window closes."""
+    from vlmkit.infer.engine import Engine
+
+    predictor = Predictor(lively.model)
+    engine = Engine(predictor, max_rows=4)
+    worker = BatchWorker(predictor, ServerConfig(batch_window_ms=1500, batch_max_wait_ms=1500), engine)
+    greedy = GenerationConfig(max_new_tokens=6, eos_token_ids=[-1])
+    done: list[tuple[str, object]] = []
+    jobs = [Job(ChatRequest(_user(f"question {i}"), []), greedy, done.append) for i in range(2)]
+    worker.start()
+    try:
+        worker.submit(jobs[0])
+        _until(lambda: len(engine.stats.ttft) == 1)  # its first token, inside the window
+        assert engine.stats.decode_steps == 0  # ...and no decode step for it alone
+        worker.submit(jobs[1])
+        _until(lambda: sum(kind == "done" for kind, _ in done) == 2)
+    finally:
+        worker.stop()
+    # both rows decoded their 5 other tokens in the same 5 steps
+    assert engine.stats.decode_steps == 5 and engine.stats.decoded_rows == 10
+
+
 def test_a_request_joins_the_running_batch_and_leaves_it_when_done(lively):
     """Continuous batching through the server: a late request starts before an early long one ends, and a short
     one ends (and answers) while the long one goes on."""

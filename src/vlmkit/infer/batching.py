@@ -159,9 +159,10 @@ class BatchWorker:
                 first = self._queue.get()
                 if first is None:
                     continue
-                jobs = self._collect(first)  # requests that arrive together are prefilled together
                 self._busy_since = self._progress = time.monotonic()
+                self._gather(first)  # requests that arrive together are prefilled together
                 del first
+                jobs = []
             else:
                 jobs = self._drain()
             for job in jobs:
@@ -174,6 +175,36 @@ class BatchWorker:
                 engine.fail(err)
             self.generate_calls += 1
             self._progress = time.monotonic()
+
+    def _gather(self, first: Job) -> None:
+        """An idle engine's burst: admit `first` and the requests that follow it as `_collect` would wait for them,
+        prefilling the admitted requests while waiting (each gets its first token then); the decode steps start
+        once the window closes, with the whole burst."""
+        engine = self.engine
+        assert engine is not None
+        window = self.config.batch_window_ms / 1000
+        start = last = time.monotonic()
+        cap = start + max(self.config.batch_max_wait_ms, self.config.batch_window_ms) / 1000
+        self._admit(first)
+        admitted = 1
+        while admitted < self.config.max_batch:
+            worked = engine.prefill_waiting()  # what arrived so far, prefilled together
+            now = time.monotonic()
+            until = cap if self._admitting > 0 else min(cap, last + window)
+            try:
+                if now >= until or worked:
+                    job = self._queue.get_nowait()  # whatever is already queued still joins
+                else:
+                    job = self._queue.get(timeout=min(until - now, window))
+            except queue.Empty:
+                if now >= until:
+                    break
+                continue
+            if job is None:  # stopping: serve what we have
+                break
+            self._admit(job)
+            admitted += 1
+            last = time.monotonic()
 
     def _pin(self) -> None:
         """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU

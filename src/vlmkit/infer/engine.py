@@ -379,6 +379,16 @@ class Engine:
         except Exception as err:  # a bad image: each row meets its own error when its prefill starts
             logger.debug("images not encoded ahead: %s", err)
 
+    def prefill_waiting(self) -> bool:
+        """Prefill the waiting requests (as a step would, without its decode step: while an idle server gathers a
+        burst, `BatchWorker._gather`); False when none was waiting."""
+        if not self.waiting and self.prefilling is None:
+            return False
+        self._drop_cancelled()
+        with torch.no_grad(), autocast_context(self.predictor.precision, self.device.type):
+            self._prefill(self.prefill_burst)
+        return True
+
     def _group_tokens(self) -> int:
         """The most prompt tokens prefilled (and images encoded) in one call: `prefill_chunk` while rows decode
         (their next token waits for it), `prefill_burst` while none does (nobody waits but the arrivals)."""

@@ -344,9 +344,9 @@ def _until(condition, timeout: float = 20.0) -> None:
         time.sleep(0.005)
 
 
-def test_an_idle_server_prefills_a_burst_while_gathering_it_then_decodes_it_together(lively):
-    """The first request of a burst gets its first token while the server still waits for the others (its prefill
-    does not wait for the window), and the burst's rows decode together once the window closes."""
+def test_an_idle_server_encodes_a_bursts_images_while_gathering_it_then_serves_it_together(lively):
+    """The first request's images go through the tower while the server still waits for the rest of the burst;
+    the burst is prefilled and decoded together once the window closes."""
     from vlmkit.infer.engine import Engine
 
     predictor = Predictor(lively.model)
@@ -354,18 +354,21 @@ def test_an_idle_server_prefills_a_burst_while_gathering_it_then_decodes_it_toge
     worker = BatchWorker(predictor, ServerConfig(batch_window_ms=1500, batch_max_wait_ms=1500), engine)
     greedy = GenerationConfig(max_new_tokens=6, eos_token_ids=[-1])
     done: list[tuple[str, object]] = []
-    jobs = [Job(ChatRequest(_user(f"question {i}"), []), greedy, done.append) for i in range(2)]
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    jobs = [Job(ChatRequest(turn, [random_image(i)]), greedy, done.append) for i in range(2)]
     worker.start()
     try:
         worker.submit(jobs[0])
-        _until(lambda: len(engine.stats.ttft) == 1)  # its first token, inside the window
-        assert engine.stats.decode_steps == 0  # ...and no decode step for it alone
+        _until(lambda: bool(engine.waiting) and engine.waiting[0].visual is not None)  # encoded in the window
+        assert engine.stats.prefill_tokens == 0 and engine.stats.decode_steps == 0  # nothing else yet
         worker.submit(jobs[1])
         _until(lambda: sum(kind == "done" for kind, _ in done) == 2)
     finally:
         worker.stop()
-    # both rows decoded their 5 other tokens in the same 5 steps
+    # prefilled together, then both rows decoded their 5 other tokens in the same 5 steps
     assert engine.stats.decode_steps == 5 and engine.stats.decoded_rows == 10
+    solo = [predictor.generate([job.request], greedy)[0].token_ids for job in jobs]
+    assert [value.token_ids for kind, value in done if kind == "done"] in (solo, solo[::-1])
 
 
 def test_a_request_joins_the_running_batch_and_leaves_it_when_done(lively):

@@ -178,8 +178,8 @@ class BatchWorker:
 
     def _gather(self, first: Job) -> None:
         """An idle engine's burst: admit `first` and the requests that follow it as `_collect` would wait for them,
-        prefilling the admitted requests while waiting (each gets its first token then); the decode steps start
-        once the window closes, with the whole burst."""
+        encoding the admitted requests' images while waiting (tower work the burst's prefill would otherwise do
+        after the window); the burst is prefilled together once the window closes."""
         engine = self.engine
         assert engine is not None
         window = self.config.batch_window_ms / 1000
@@ -188,7 +188,7 @@ class BatchWorker:
         self._admit(first)
         admitted = 1
         while admitted < self.config.max_batch:
-            worked = engine.prefill_waiting()  # what arrived so far, prefilled together
+            worked = engine.encode_next()  # one waiting request's images, if any is left
             now = time.monotonic()
             until = cap if self._admitting > 0 else min(cap, last + window)
             try:

@@ -67,6 +67,7 @@ class Row:
     visual: torch.Tensor | None = None  # its images' visual tokens, once encoded ahead of its prefill
     inputs: LLMInputs | None = None  # its LLM inputs, once made (for a prefill with other rows)
     solo: bool = False  # prefilled alone (a prefill with other rows failed)
+    tried: bool = False  # its images were encoded (or tried) while the server gathered a burst
     content: torch.Tensor | None = None  # its prompt's content key (prefix cache), once made
     cacheable: bool = False  # its keys and values may go to the prefix cache when it ends
 
@@ -379,14 +380,18 @@ class Engine:
         except Exception as err:  # a bad image: each row meets its own error when its prefill starts
             logger.debug("images not encoded ahead: %s", err)
 
-    def prefill_waiting(self) -> bool:
-        """Prefill the waiting requests (as a step would, without its decode step: while an idle server gathers a
-        burst, `BatchWorker._gather`); False when none was waiting."""
-        if not self.waiting and self.prefilling is None:
+    def encode_next(self) -> bool:
+        """Encode the images of the first waiting request whose images are not encoded yet (while an idle server
+        gathers a burst: `BatchWorker._gather`); False when there is none. A failure is left to its prefill."""
+        row = next((r for r in self.waiting if r.request.images and r.visual is None and not r.tried), None)
+        if row is None:
             return False
-        self._drop_cancelled()
+        row.tried = True
         with torch.no_grad(), autocast_context(self.predictor.precision, self.device.type):
-            self._prefill(self.prefill_burst)
+            try:
+                row.visual = self._visuals([row.request])[0]
+            except Exception as err:  # a bad image: its own prefill meets the error
+                logger.debug("images not encoded while gathering: %s", err)
         return True
 
     def _group_tokens(self) -> int:

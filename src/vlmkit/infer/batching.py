@@ -160,7 +160,9 @@ class BatchWorker:
                 if first is None:
                     continue
                 self._busy_since = self._progress = time.monotonic()
-                self._gather(first)  # requests that arrive together are prefilled together
+                # requests that arrive together are prefilled together; their images are encoded meanwhile (tower
+                # work the burst's prefill would otherwise do after the window)
+                self._collect(first, on_job=self._admit, work=engine.encode_next)
                 del first
                 jobs = []
             else:
@@ -175,36 +177,6 @@ class BatchWorker:
                 engine.fail(err)
             self.generate_calls += 1
             self._progress = time.monotonic()
-
-    def _gather(self, first: Job) -> None:
-        """An idle engine's burst: admit `first` and the requests that follow it as `_collect` would wait for them,
-        encoding the admitted requests' images while waiting (tower work the burst's prefill would otherwise do
-        after the window); the burst is prefilled together once the window closes."""
-        engine = self.engine
-        assert engine is not None
-        window = self.config.batch_window_ms / 1000
-        start = last = time.monotonic()
-        cap = start + max(self.config.batch_max_wait_ms, self.config.batch_window_ms) / 1000
-        self._admit(first)
-        admitted = 1
-        while admitted < self.config.max_batch:
-            worked = engine.encode_next()  # one waiting request's images, if any is left
-            now = time.monotonic()
-            until = cap if self._admitting > 0 else min(cap, last + window)
-            try:
-                if now >= until or worked:
-                    job = self._queue.get_nowait()  # whatever is already queued still joins
-                else:
-                    job = self._queue.get(timeout=min(until - now, window))
-            except queue.Empty:
-                if now >= until:
-                    break
-                continue
-            if job is None:  # stopping: serve what we have
-                break
-            self._admit(job)
-            admitted += 1
-            last = time.monotonic()
 
     def _pin(self) -> None:
         """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU
@@ -283,18 +255,27 @@ class BatchWorker:
                 self._busy_since = None
                 del first, jobs  # the batch's images must not outlive it while the worker waits
 
-    def _collect(self, first: Job) -> list[Job]:
+    def _collect(
+        self,
+        first: Job,
+        on_job: Callable[[Job], None] | None = None,
+        work: Callable[[], bool] | None = None,
+    ) -> list[Job]:
         """The batch that starts with `first`: more requests until `batch_window_ms` passes without one (longer,
-        up to `batch_max_wait_ms`, while requests are still being admitted), or `max_batch` is reached."""
+        up to `batch_max_wait_ms`, while requests are still being admitted), or `max_batch` is reached. `on_job`
+        takes each request as it comes; `work()` runs between arrivals while it has something to do (True)."""
         window = self.config.batch_window_ms / 1000
         start = last = time.monotonic()
         cap = start + max(self.config.batch_max_wait_ms, self.config.batch_window_ms) / 1000
         jobs = [first]
+        if on_job is not None:
+            on_job(first)
         while len(jobs) < self.config.max_batch:
+            worked = work is not None and work()
             now = time.monotonic()
             until = cap if self._admitting > 0 else min(cap, last + window)
             try:
-                if now >= until:
+                if now >= until or worked:
                     job = self._queue.get_nowait()  # whatever is already queued still joins
                 else:
                     job = self._queue.get(timeout=min(until - now, window))
@@ -305,6 +286,8 @@ class BatchWorker:
             if job is None:  # stopping: serve what we have
                 break
             jobs.append(job)
+            if on_job is not None:
+                on_job(job)
             last = time.monotonic()
         return jobs
 

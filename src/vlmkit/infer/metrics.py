@@ -68,44 +68,24 @@ class _Counters(Collector):
                 value=self.stats.reused_tokens,
             )
         if self.cache is not None:
-            cache = self.cache
-            yield CounterMetricFamily("vlmkit_image_cache_hits", "image-feature cache hits", value=cache.hits)
-            yield CounterMetricFamily(
-                "vlmkit_image_cache_misses", "image-feature cache misses", value=cache.misses
-            )
-            yield CounterMetricFamily(
-                "vlmkit_image_cache_evictions",
-                "entries dropped to stay under the size",
-                value=cache.evictions,
-            )
-            yield GaugeMetricFamily(
-                "vlmkit_image_cache_bytes", "bytes of cached visual tokens", value=cache.nbytes
-            )
-            yield GaugeMetricFamily("vlmkit_image_cache_entries", "images in the cache", value=len(cache))
-            yield GaugeMetricFamily(
-                "vlmkit_image_cache_max_bytes", "the cache's size limit", value=cache.max_bytes
-            )
+            yield from _cache("image", self.cache, "image-feature cache", "visual tokens", "images")
         if self.prefixes is not None:
-            prefixes = self.prefixes
-            yield CounterMetricFamily(
-                "vlmkit_prefix_cache_hits",
-                "prompts that started from cached keys and values",
-                value=prefixes.hits,
-            )
-            yield CounterMetricFamily(
-                "vlmkit_prefix_cache_misses", "prompts with no cached prefix", value=prefixes.misses
-            )
-            yield CounterMetricFamily(
-                "vlmkit_prefix_cache_evictions",
-                "entries dropped to stay under the size",
-                value=prefixes.evictions,
-            )
-            yield GaugeMetricFamily(
-                "vlmkit_prefix_cache_bytes", "bytes of cached keys and values", value=prefixes.nbytes
-            )
-            yield GaugeMetricFamily(
-                "vlmkit_prefix_cache_entries", "prompts in the cache", value=len(prefixes)
-            )
+            yield from _cache("prefix", self.prefixes, "prefix cache", "keys and values", "prompts")
+
+
+def _cache(
+    name: str, cache: ImageFeatureCache | PrefixCache, what: str, holds: str, items: str
+) -> Iterator[Any]:
+    """A cache's hits, misses, evictions, bytes, entries and size limit as vlmkit_<name>_cache_*."""
+    prefix = f"vlmkit_{name}_cache"
+    yield CounterMetricFamily(f"{prefix}_hits", f"{what} hits", value=cache.hits)
+    yield CounterMetricFamily(f"{prefix}_misses", f"{what} misses", value=cache.misses)
+    yield CounterMetricFamily(
+        f"{prefix}_evictions", "entries dropped to stay under the size", value=cache.evictions
+    )
+    yield GaugeMetricFamily(f"{prefix}_bytes", f"bytes of cached {holds}", value=cache.nbytes)
+    yield GaugeMetricFamily(f"{prefix}_entries", f"{items} in the cache", value=len(cache))
+    yield GaugeMetricFamily(f"{prefix}_max_bytes", "the cache's size limit", value=cache.max_bytes)
 
 
 class ServerMetrics:

@@ -27,11 +27,11 @@ from vlmkit.infer import kernels
 from vlmkit.infer.generate import ChatRequest, ChatResult, Predictor, TextStream
 from vlmkit.infer.image_cache import ImageFeatureCache, model_fingerprint, pixels_key
 from vlmkit.infer.lean import LeanLLM
-from vlmkit.infer.prefix_cache import KV, PrefixCache, content_key
+from vlmkit.infer.prefix_cache import PrefixCache, content_key
 from vlmkit.log import get_logger
 from vlmkit.models.fusion import LLMInputs
 from vlmkit.models.generation import GenerationConfig, select_rows
-from vlmkit.models.row_batch import RowBatch
+from vlmkit.models.row_batch import KV, RowBatch
 from vlmkit.models.vlm import check_image_tokens
 from vlmkit.precision import autocast_context
 
@@ -159,10 +159,9 @@ class Engine:
         self.rows: list[Row] = []  # the decode batch, in RowBatch order
         self.prefilling: Row | None = None
         self.lean = LeanLLM.build(self.model, kernels=cpu_kernels) if lean else None
-        if cpu_kernels and self.device.type == "cpu" and kernels.unavailable() is None:
-            ops = kernels.load()
-            if ops is not None:
-                kernels.swap_activations(self.model.vision, ops)
+        ops = kernels.load() if cpu_kernels and self.device.type == "cpu" else None
+        if ops is not None:
+            kernels.swap_activations(self.model.vision, ops)
         self.batch = self._new_batch()
 
     def _new_batch(self) -> RowBatch:
@@ -382,7 +381,7 @@ class Engine:
 
     def encode_next(self) -> bool:
         """Encode the images of the first waiting request whose images are not encoded yet (while an idle server
-        gathers a burst: `BatchWorker._gather`); False when there is none. A failure is left to its prefill."""
+        gathers a burst: `BatchWorker._collect`'s work); False when there is none. A failure is left to its prefill."""
         row = next((r for r in self.waiting if r.request.images and r.visual is None and not r.tried), None)
         if row is None:
             return False

@@ -252,8 +252,7 @@ class LeanLLM:
             plan.flat = ((plan.rows[:, None] * kv_heads + head) * capacity + plan.starts[:, None]).reshape(-1)
         hidden = embeds
         x: torch.Tensor | None = None
-        layers = self.layers
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(self.layers):
             if layer.xattn is not None and media is not None:
                 hidden = layer.xattn.cross_attend(hidden, media)
                 x = None
@@ -293,15 +292,7 @@ class LeanLLM:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
                 out = out.transpose(1, 2).reshape(b, t, heads * dim)
             if ops is not None:  # residual + norm, SiLU * up, residual + the next norm: one kernel each
-                hidden, x = ops.add_rms_norm(hidden, layer.o_proj(out), layer.norm2, layer.eps2)
-                delta = layer.down(ops.silu_and_mul(layer.gate_up(x)))
-                following = layers[index + 1] if index + 1 < len(layers) else None
-                if following is None:
-                    hidden, x = ops.add_rms_norm(hidden, delta, self.final_norm, self.final_eps)
-                elif following.xattn is not None and media is not None:
-                    hidden, x = hidden + delta, None  # its cross-attention comes before its norm
-                else:
-                    hidden, x = ops.add_rms_norm(hidden, delta, following.norm1, following.eps1)
+                hidden, x = self._mlp_fused(ops, layer, hidden, layer.o_proj(out), index, media)
                 continue
             hidden = hidden + layer.o_proj(out)
             x = _rms_norm(hidden, layer.norm2, layer.eps2)
@@ -330,8 +321,7 @@ class LeanLLM:
         plan = cache.plan
         hidden = embeds[:, 0]  # [B, D]
         x: torch.Tensor | None = None
-        layers = self.layers
-        for index, layer in enumerate(layers):
+        for index, layer in enumerate(self.layers):
             if layer.xattn is not None and media is not None:
                 hidden = layer.xattn.cross_attend(hidden[:, None], media)[:, 0]
                 x = None
@@ -341,15 +331,23 @@ class LeanLLM:
             out = ops.rope_attention(
                 layer.qkv(x), cos, sin, keys, values, plan.starts, self.heads, self.kv_heads, self.scaling
             )
-            hidden, x = ops.add_rms_norm(hidden, layer.o_proj(out), layer.norm2, layer.eps2)
-            delta = layer.down(ops.silu_and_mul(layer.gate_up(x)))
-            if index + 1 == len(layers):
-                hidden, x = ops.add_rms_norm(hidden, delta, self.final_norm, self.final_eps)
-            elif layers[index + 1].xattn is not None and media is not None:
-                hidden, x = hidden + delta, None  # its cross-attention comes before its norm
-            else:
-                hidden, x = ops.add_rms_norm(hidden, delta, layers[index + 1].norm1, layers[index + 1].eps1)
+            hidden, x = self._mlp_fused(ops, layer, hidden, layer.o_proj(out), index, media)
         return LeanOutput(self.lm_head(x[:, None]))
+
+    def _mlp_fused(
+        self, ops: Any, layer: _Layer, hidden: torch.Tensor, attended: torch.Tensor, index: int, media: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rest of layer `index` with the kernels, after its attention output projection `attended`: residual
+        + norm, gated MLP, residual + the next layer's input norm (the final norm after the last layer) ->
+        (hidden, that norm; None where the next layer cross-attends first)."""
+        hidden, x = ops.add_rms_norm(hidden, attended, layer.norm2, layer.eps2)
+        delta = layer.down(ops.silu_and_mul(layer.gate_up(x)))
+        if index + 1 == len(self.layers):
+            return ops.add_rms_norm(hidden, delta, self.final_norm, self.final_eps)
+        following = self.layers[index + 1]
+        if following.xattn is not None and media is not None:
+            return hidden + delta, None  # its cross-attention comes before its norm
+        return ops.add_rms_norm(hidden, delta, following.norm1, following.eps1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [kv_heads, n, head_dim]
+from vlmkit.models.row_batch import KV
 
 
 def content_key(
@@ -71,10 +71,9 @@ class PrefixCache:
         best, best_n, best_id = None, 0, None
         with self._lock:
             for entry_id, entry in self._entries.items():
-                n = min(len(entry.key), len(key))
-                diff = (entry.key[:n] != key[:n]).nonzero()
-                common = int(diff[0]) if len(diff) else n
-                tokens = min(common - 1, limit)  # the first element is the context, not a token
+                tokens = min(
+                    _common(entry.key, key) - 1, limit
+                )  # the first element is the context, not a token
                 if tokens > best_n:
                     best, best_n, best_id = entry, tokens, entry_id
             if best is None:
@@ -92,8 +91,7 @@ class PrefixCache:
             return
         with self._lock:
             for entry_id, entry in list(self._entries.items()):
-                n = min(len(entry.key), len(key))
-                if torch.equal(entry.key[:n], key[:n]):
+                if _common(entry.key, key) == min(len(entry.key), len(key)):  # one is a prefix of the other
                     if len(entry.key) >= len(key):  # already held
                         self._entries.move_to_end(entry_id)
                         return
@@ -111,3 +109,10 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
             self.nbytes = 0
+
+
+def _common(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading elements two keys share."""
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if len(diff) else n

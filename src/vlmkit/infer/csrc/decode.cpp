@@ -167,10 +167,21 @@ inline float round_to<float>(float x) { return x; }
 template <>
 inline float round_to<uint16_t>(float x) { return bf16_to_float(float_to_bf16(x)); }
 
+// RoPE of one head x [D] at one position (cos/sin [D]) into dst, as transformers computes it:
+// x*cos + rotate_half(x)*sin, each op rounded to T
+template <typename T>
+inline void rope_head(const T* x, const T* c, const T* sn, T* dst, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -load(x + d + half) : load(x + d - half);
+    store(dst + d, round_to<T>(load(x + d) * load(c + d)) + round_to<T>(rot * load(sn + d)));
+  }
+}
+
 template <typename T>
 void rope_write_attend(const T* qkv, const T* cos, const T* sin, T* keys, T* values, const int64_t* pos, T* out,
                        int64_t B, int64_t H, int64_t KV, int64_t D, const int64_t* cst, float scale) {
-  const int64_t half = D / 2, R = H / KV, width = (H + 2 * KV) * D;
+  const int64_t R = H / KV, width = (H + 2 * KV) * D;
   std::vector<T> q(B * H * D);
   // RoPE on q and k as transformers computes it (x*cos + rotate_half(x)*sin, each op rounded), new k/v -> cache
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -181,12 +192,7 @@ void rope_write_attend(const T* qkv, const T* cos, const T* sin, T* keys, T* val
       for (int64_t h = 0; h < H + KV; ++h) {
         const T* x = row + h * D;
         T* dst = h < H ? q.data() + (b * H + h) * D : keys + b * cst[0] + (h - H) * cst[1] + pos[b] * cst[2];
-        for (int64_t d = 0; d < D; ++d) {
-          const float rot = d < half ? -load(x + d + half) : load(x + d - half);
-          const float a = round_to<T>(load(x + d) * load(c + d));
-          const float r = round_to<T>(rot * load(sn + d));
-          store(dst + d, a + r);
-        }
+        rope_head(x, c, sn, dst, D);
       }
       for (int64_t h = 0; h < KV; ++h) {
         const T* x = row + (H + KV + h) * D;
@@ -319,7 +325,6 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_
   auto sizes = xc.sizes().vec();
   sizes[sizes.size() - 2] = count;
   auto out = torch::empty(sizes, xc.options());
-  const int64_t half = D / 2;
   auto body = [&](auto tag) {
     using T = decltype(tag);
     const T* xp = ptr<T>(xc);
@@ -328,14 +333,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_
     T* op = ptr<T>(out);
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n)
-        for (int64_t h = 0; h < count; ++h) {
-          const T* v = xp + (n * heads + h) * D;
-          T* dst = op + (n * count + h) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const float rot = d < half ? -load(v + d + half) : load(v + d - half);
-            store(dst + d, round_to<T>(load(v + d) * load(cp + n * D + d)) + round_to<T>(rot * load(sp + n * D + d)));
-          }
-        }
+        for (int64_t h = 0; h < count; ++h)
+          rope_head(xp + (n * heads + h) * D, cp + n * D, sp + n * D, op + (n * count + h) * D, D);
     });
   };
   if (xc.scalar_type() == torch::kBFloat16) body(uint16_t{}); else body(float{});

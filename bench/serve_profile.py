@@ -2,7 +2,7 @@
 (infer/engine.py) on the `serve_vs_vllm.py` model (CLIP-B/32 random + MLP + SmolLM2-135M), 8 image requests (`--rows`).
 
 Variants alternate (A B, B A, ...) so that a loaded machine affects them alike (`--variants`, default hf lean together
-kernels):
+kernels linear):
   unfused: linears prepacked one by one, each row's images encoded when its prefill starts, transformers' forward;
   hf:      q/k/v and gate/up fused into one packed linear each (`fuse_projections`), and the images of the rows
            prefilled together in a step encoded in one tower call, in groups of at most `prefill_chunk` prompt
@@ -11,12 +11,15 @@ kernels):
            by one, PyTorch's ops only (`cpu_kernels=False`);
   together: as lean, with the whole prompts of rows starting in a step prefilled together in one LLM call
            (`Engine(prefill_together=True)`: up to `--prefill-burst` tokens while nothing decodes);
-  kernels: as together, with the CPU decode kernels (infer/kernels.py): the server's defaults.
+  kernels: as together, with the CPU decode kernels (infer/kernels.py), linears still oneDNN's;
+  linear:  as kernels, with bf16 linears by vlmkit's own (csrc/linear.cpp, AVX512-BF16 without AMX; else oneDNN's
+           as in kernels): the server's defaults.
 
 Printed per variant (best of the rounds): the prefill of 8 new rows (all arriving at once, nothing decoding) split
 into image preprocessing, tower + bridge, LLM prefill and the rest, the median time to each row's first token, and
 one decode step at batch 8 split into linears, attention, other ops and Python (torch.profiler self times; Python =
-wall - ops). The greedy answers of all variants must be equal.
+wall - ops; the CPU kernels are not PyTorch ops: their time counts as Python). The greedy answers of the variants
+with PyTorch's ops must be equal; for the kernel variants, how many tokens agree is printed.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/serve_profile.py [--rounds 3] [--threads 1] [--variants hf lean]
 """
@@ -126,8 +129,8 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["hf", "lean", "together", "kernels"],
-        choices=["unfused", "hf", "lean", "together", "kernels"],
+        default=["hf", "lean", "together", "kernels", "linear"],
+        choices=["unfused", "hf", "lean", "together", "kernels", "linear"],
     )
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--rows", type=int, default=8, help="requests arriving at once (the decode batch)")
@@ -136,29 +139,32 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model_dir, _ = build_model(args.work)
     common = {"max_rows": args.rows, "prefill_chunk": args.prefill_chunk}
+
+    def onednn():  # linears packed for oneDNN (the `linear` variant: vlmkit's bf16 linear where it applies)
+        return build_predictor(model_dir, dtype="auto", prepack=True, cpu_kernels=False)
+
     builders = {
         "unfused": lambda: Engine(
-            build_predictor(model_dir, dtype="auto", prepack=True, fuse=False),
+            build_predictor(model_dir, dtype="auto", prepack=True, fuse=False, cpu_kernels=False),
             encode_ahead=False,
             lean=False,
             **common,
         ),
-        "hf": lambda: Engine(
-            build_predictor(model_dir, dtype="auto", prepack=True), lean=False, cpu_kernels=False, **common
-        ),
+        "hf": lambda: Engine(onednn(), lean=False, cpu_kernels=False, **common),
         "lean": lambda: Engine(
-            build_predictor(model_dir, dtype="auto", prepack=True),
+            onednn(),
             prefill_together=False,
             cpu_kernels=False,
             **common,
         ),
-        "together": lambda: Engine(
-            build_predictor(model_dir, dtype="auto", prepack=True), cpu_kernels=False, **common
-        ),
-        "kernels": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), **common),
+        "together": lambda: Engine(onednn(), cpu_kernels=False, **common),
+        "kernels": lambda: Engine(onednn(), **common),
+        "linear": lambda: Engine(build_predictor(model_dir, dtype="auto", prepack=True), **common),
     }
     engines = {name: builders[name]() for name in args.variants}
-    if any(engines[name].lean is None for name in ("lean", "together", "kernels") if name in engines):
+    if any(
+        engines[name].lean is None for name in ("lean", "together", "kernels", "linear") if name in engines
+    ):
         raise SystemExit("the lean forward does not apply to this model (see the log)")
     print(f"{os.cpu_count()} cores, {args.threads} model thread(s), load average {os.getloadavg()[0]:.1f}")
     results: dict[str, list[dict]] = {name: [] for name in engines}
@@ -190,16 +196,17 @@ def main() -> int:
         print(f"{name:8s} " + " ".join(f"{1000 * best[k]:9.1f}" for k in keys))
     # the variants with PyTorch's ops give transformers' logits bit for bit: equal answers; the kernels round
     # differently (docs/serving.md, "CPU kernels"): how many tokens of each answer agree is reported
-    exact = [a for name, a in answers.items() if name != "kernels"]
+    rounding = ("kernels", "linear")
+    exact = [a for name, a in answers.items() if name not in rounding]
     same = all(a == exact[0] for a in exact)
     print(f"greedy answers equal (PyTorch-op variants): {same}")
-    if "kernels" in answers and exact:
+    for name in (n for n in rounding if n in answers and exact):
         agree = total = 0
-        for ours, ref in zip(answers["kernels"], exact[0]):  # rounds
+        for ours, ref in zip(answers[name], exact[0]):  # rounds
             for a, b in zip(ours, ref):  # rows
                 n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 agree, total = agree + n, total + len(b)
-        print(f"kernels: {agree} of {total} tokens before the answers part ({agree / total:.0%})")
+        print(f"{name}: {agree} of {total} tokens before the answers part ({agree / total:.0%})")
     return 0 if same else 1
 
 

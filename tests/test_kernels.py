@@ -183,3 +183,106 @@ def test_prompt_rope_and_quick_gelu_are_pytorchs(kernel, dtype):
     assert _ulps(kernel.quick_gelu(h), ref_gelu).max() <= (2 if dtype == torch.bfloat16 else 32)
     tower = torch.nn.Sequential(torch.nn.Linear(4, 4), type("QuickGELUActivation", (torch.nn.Module,), {})())
     assert cpu_kernels.swap_activations(tower, kernel) == 1 and isinstance(tower[1], cpu_kernels.QuickGELU)
+
+
+@pytest.fixture(scope="module")
+def linear_kernel(kernel):
+    if not kernel.has_bf16_linear():
+        pytest.skip("built without AVX512-BF16: the served linears stay oneDNN's")
+    return kernel
+
+
+def _exact_and_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """x @ w.T + b in fp64, and what one bf16 rounding of an fp32 sum may miss it by."""
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    return exact, exact.abs() * 2**-8 + magnitude * 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])  # both tile shapes (<= 16 rows, more), partial tiles
+def test_the_bf16_linear_is_as_close_to_exact_as_onednn(linear_kernel, rows):
+    g = torch.Generator().manual_seed(rows)
+    for out, inp in [(37, 64), (960, 576), (50, 1536)]:  # output sizes off the 16-column blocks too
+        w = torch.randn(out, inp, generator=g).to(torch.bfloat16)
+        b = torch.randn(out, generator=g).to(torch.bfloat16)
+        x = torch.randn(2, rows, inp, generator=g).to(torch.bfloat16)
+        y = linear_kernel.linear(x, linear_kernel.pack_linear(w), b, out)
+        assert y.shape == (2, rows, out) and y.dtype == torch.bfloat16
+        exact, bound = _exact_and_bound(x, w, b)
+        assert ((y.double() - exact).abs() <= bound).all()
+        onednn = F.linear(x, w, b).double()
+        assert (y.double() - exact).abs().max() <= 1.01 * (onednn - exact).abs().max()
+    x = (
+        torch.randn(64, rows, generator=g).to(torch.bfloat16).T
+    )  # a transposed (non-contiguous) input, no bias
+    w = torch.randn(20, 64, generator=g).to(torch.bfloat16)
+    exact, bound = _exact_and_bound(x, w, None)
+    assert (
+        (linear_kernel.linear(x, linear_kernel.pack_linear(w), None, 20).double() - exact).abs() <= bound
+    ).all()
+
+
+def test_the_bf16_linear_refuses_what_it_cannot_do(linear_kernel):
+    w = torch.randn(20, 64).to(torch.bfloat16)
+    packed = linear_kernel.pack_linear(w)
+    with pytest.raises(RuntimeError, match="K must be even"):
+        linear_kernel.pack_linear(torch.randn(20, 63).to(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bf16 input"):
+        linear_kernel.linear(torch.randn(3, 64), packed, None, 20)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        linear_kernel.linear(torch.randn(3, 62).to(torch.bfloat16), packed, None, 20)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        linear_kernel.linear(torch.randn(3, 64).to(torch.bfloat16), packed, None, 40)
+
+
+def test_served_answers_are_the_same_with_the_bf16_linear(linear_kernel, monkeypatch):
+    """Packed and fused linears of a bf16 model for vlmkit's linear: the same greedy answers as with oneDNN's,
+    logits as close as bf16 allows; an odd input size and fp32 weights stay with oneDNN; AMX CPUs keep oneDNN."""
+    from vlmkit.infer.prepack import PackedLinear
+
+    def served(ops):
+        model = lively_model({"num_attention_heads": 4, "num_key_value_heads": 2}).to(torch.bfloat16)
+        fuse_projections(model.llm, ops)
+        prepack_linears(model, ops)
+        return model
+
+    onednn, ours = served(None), served(linear_kernel)
+    packed = [m for m in ours.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.kernels is linear_kernel for m in packed)
+    assert ours.llm.layers[0].self_attn.q_proj.group.kernels is linear_kernel
+    requests = _requests()
+    _, expected, expected_calls = _serve(Predictor(onednn), True, requests, kernel=True)
+    _, tokens, calls = _serve(Predictor(ours), True, requests, kernel=True)
+    assert tokens == expected and len(calls) == len(expected_calls)
+    for a, b in zip(calls, expected_calls):
+        assert (a.float() - b.float()).abs().max() <= 0.05 * float(b.float().std())
+    odd = torch.nn.Sequential(torch.nn.Linear(7, 4).to(torch.bfloat16), torch.nn.Linear(4, 4))
+    prepack_linears(odd, linear_kernel)
+    assert odd[0].kernels is None and odd[1].kernels is None  # odd input size; fp32 weights
+    x = torch.randn(3, 7).to(torch.bfloat16)
+    assert torch.allclose(
+        odd(x).float(),
+        (x.float() @ odd[0].weight.float().T + odd[0].bias.float()) @ odd[1].weight.T + odd[1].bias,
+        atol=0.05,
+    )
+    monkeypatch.setattr(cpu_kernels, "_has_amx", lambda: True)
+    assert cpu_kernels.linear_kernels() is None
+    monkeypatch.setattr(cpu_kernels, "_has_amx", lambda: False)
+    assert cpu_kernels.linear_kernels() is linear_kernel
+
+
+def test_a_bf16_served_model_is_packed_for_the_bf16_linear(linear_kernel, tmp_path, monkeypatch):
+    from vlmkit.infer.prepack import PackedLinear
+    from vlmkit.infer.server import build_predictor
+
+    monkeypatch.setattr(cpu_kernels, "_has_amx", lambda: False)
+    lively_model().save_pretrained(tmp_path / "model")
+
+    def kernels_of(predictor):
+        return {m.kernels for m in predictor.model.modules() if isinstance(m, PackedLinear)}
+
+    assert kernels_of(build_predictor(tmp_path / "model", dtype="bf16", prepack=True)) == {linear_kernel}
+    assert kernels_of(build_predictor(tmp_path / "model", dtype="bf16", prepack=True, cpu_kernels=False)) == {
+        None
+    }
+    assert kernels_of(build_predictor(tmp_path / "model", dtype="fp32", prepack=True)) == {None}

@@ -103,6 +103,7 @@ def _serve(args: argparse.Namespace, web: bool) -> int:
         dtype=args.dtype,
         device=args.device,
         prepack=not args.no_prepack,
+        cpu_kernels=not args.no_cpu_kernels,
         system_prompt=args.system,
     )
     app = create_app(predictor, config)  # type: ignore[arg-type]
@@ -168,8 +169,8 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         "--no-cpu-kernels",
         action="store_true",
         help="run decode steps with PyTorch's ops only, not vlmkit's CPU kernels (RoPE + cache write + attention, "
-        "residual add + RMSNorm, SiLU * up; built with the C++ compiler on first use, PyTorch's ops where they "
-        "cannot be built)",
+        "residual add + RMSNorm, SiLU * up, and the bf16 linears on AVX512-BF16 CPUs without AMX; built with the "
+        "C++ compiler on first use, PyTorch's and oneDNN's ops where they cannot be built)",
     )
     g.add_argument(
         "--prefill-together",

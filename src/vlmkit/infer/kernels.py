@@ -14,7 +14,10 @@ GEMM calls (~170 µs per layer at 8 rows × ~100 keys for SmolLM2-135M), and ~20
   into the cache at each row's position, then `decode_attention` over keys 0..pos[b] -> [B, H D];
 * `add_rms_norm(hidden, delta, weight, eps)`: the residual sum (rounded) and its RMSNorm times the weight, rounded
   where transformers' LlamaRMSNorm rounds;
-* `silu_and_mul(gate_up [..., 2I])`: silu(gate) * up, each rounded.
+* `silu_and_mul(gate_up [..., 2I])`: silu(gate) * up, each rounded;
+* `linear(x, packed, bias, n)` over a weight packed by `pack_linear` (`csrc/linear.cpp`, CPUs with AVX512-BF16):
+  a bf16 linear that streams the weight faster than oneDNN's at decode batch sizes (`linear_kernels` says where it
+  is used; infer/prepack.py packs the served model's linears for it).
 
 None is bit-identical to PyTorch's ops (SDPA rounds the probabilities to bf16 before multiplying the values, these
 keep them in fp32; sums run in another order; exp differs by ~1 ulp): `tests/test_kernels.py` bounds each against
@@ -40,7 +43,7 @@ from vlmkit.log import get_logger
 
 logger = get_logger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode.cpp", "linear.cpp")]
 # no contraction of a*b + c into one FMA: elementwise results must round as PyTorch's separate ops do
 FLAGS = [
     "-O3",
@@ -74,7 +77,7 @@ def _cpu_id() -> str:
 def build_name() -> str:
     digest = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         " ".join(FLAGS).encode(),
         _cpu_id().encode(),
         torch.__version__.encode(),
@@ -112,7 +115,7 @@ def load(verbose: bool = False) -> Kernels | None:
             try:
                 module = cpp_extension.load(
                     name=name,
-                    sources=[str(SOURCE)],
+                    sources=[str(source) for source in SOURCES],
                     extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"],
                     verbose=verbose,
@@ -125,6 +128,25 @@ def load(verbose: bool = False) -> Kernels | None:
             _reason[name] = reason or ""
         _loaded[name] = kernel
         return kernel
+
+
+def _has_amx() -> bool:
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def linear_kernels() -> Kernels | None:
+    """The kernels for the served model's bf16 linears (`pack_linear`/`linear`), or None for oneDNN's: where they
+    build with AVX512-BF16 and the CPU has no AMX (there oneDNN's AMX kernels are kept: not measured against here)."""
+    kernel = load()
+    if kernel is None or not kernel.has_bf16_linear():
+        return None
+    if _has_amx():
+        logger.info("CPU with AMX: oneDNN's packed linears are kept")
+        return None
+    return kernel
 
 
 def why_not() -> str | None:

@@ -76,9 +76,7 @@ class LeanOutput:
 def _linear(module: nn.Module) -> Linear | None:
     """A plain callable for one projection module (None: not a plain linear)."""
     if isinstance(module, PackedLinear):
-        packed = module.packed
-        bias = None if module.bias is None else module.bias.detach()
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return module.matmul
     if type(module) is nn.Linear:
         return module.forward
     return None
@@ -95,8 +93,7 @@ def _group(modules: list[nn.Module]) -> tuple[Linear, list[int]] | None:
         and [m.index for m in modules] == list(range(len(modules)))
         and group.sizes == sizes
     ):
-        packed = group.packed
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), sizes
+        return group.matmul, sizes
     parts = [_linear(m) for m in modules]
     if any(p is None for p in parts):
         return None

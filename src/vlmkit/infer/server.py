@@ -21,7 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
-from vlmkit.infer import api
+from vlmkit.infer import api, kernels
 from vlmkit.infer.api import ApiError, ChatCompletionRequest, ImageRef, ServerConfig
 from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
@@ -378,19 +378,30 @@ def build_predictor(
     device: str = "cpu",
     prepack: bool = False,
     fuse: bool = True,
+    cpu_kernels: bool = True,
     **kwargs: Any,
 ) -> Predictor:
     """Load a saved vlmkit model in `dtype` (`auto`, `bf16`, `fp32`: see `serving_dtype`) on `device` (`auto`: CUDA
     when available), optionally with its linears prepacked for oneDNN (CPU; `infer/prepack.py`), and wrap it for
     serving (kwargs go to `Predictor`). With `prepack`, `fuse` also makes each LLM decoder layer's q/k/v and
-    gate/up projections one packed linear each (`fuse_projections`)."""
+    gate/up projections one packed linear each (`fuse_projections`); with `cpu_kernels`, bf16 linears are packed for
+    vlmkit's own linear where it is chosen (`kernels.linear_kernels`), else for oneDNN."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = VisionLanguageModel.from_pretrained(model_dir)
     model = model.to(device=device, dtype=serving_dtype(dtype, device))
     if prepack and device == "cpu":
-        fused = fuse_projections(model.llm) if fuse else 0  # first: no packed copy of a fused weight is made
-        logger.info("prepacked %d linear layers (+%d fused groups) for oneDNN", prepack_linears(model), fused)
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        ops = kernels.linear_kernels() if cpu_kernels and bf16 else None
+        fused = (
+            fuse_projections(model.llm, ops) if fuse else 0
+        )  # first: no packed copy of a fused weight is made
+        logger.info(
+            "prepacked %d linear layers (+%d fused groups) for %s",
+            prepack_linears(model, ops),
+            fused,
+            "oneDNN" if ops is None else "vlmkit's bf16 linear (bf16 weights) and oneDNN",
+        )
     return Predictor(model, **kwargs)
 
 

@@ -365,7 +365,16 @@ torch::Tensor quick_gelu(torch::Tensor x) {
   return out;
 }
 
+// linear.cpp
+bool has_bf16_linear();
+torch::Tensor pack_linear(torch::Tensor weight);
+torch::Tensor linear(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias, int64_t N);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_bf16_linear", &has_bf16_linear, "whether linear/pack_linear were built (AVX512-BF16)");
+  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] packed for linear");
+  m.def("linear", &linear, "x [..., K] @ a packed weight + bias -> [..., N] (bf16)", py::arg("x"), py::arg("packed"),
+        py::arg("bias") = py::none(), py::arg("n"));
   m.def("rope", &rope, "RoPE on the first heads of a fused q/k/v projection");
   m.def("quick_gelu", &quick_gelu, "x * sigmoid(1.702 x)");
   m.def("decode_attention", &decode_attention, "attention of one decode step (q [B,H,R,D], k/v [B,H,L,D], valid [B])");

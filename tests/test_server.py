@@ -684,6 +684,46 @@ def test_the_model_thread_is_pinned_to_its_cores(lively):
     assert os.sched_getaffinity(0) == set(cores)  # only the model thread was pinned
 
 
+def test_a_burst_is_prefilled_on_every_core_and_decoded_on_the_models(lively):
+    """`prefill_threads`: a step in which no row decodes runs with that many compute threads on all allowed cores;
+    steps with decoding rows go back to the model's threads on its pinned core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to switch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        app = create_app(
+            Predictor(lively.model), ServerConfig(model_cpus=1, prefill_threads=2, batch_window_ms=300)
+        )
+        with ServerThread(app) as srv:
+            engine = app.state.engine
+            step, seen = engine.step, []
+
+            def recorded():
+                seen.append((bool(engine.rows), torch.get_num_threads(), os.sched_getaffinity(0)))
+                return step()
+
+            engine.step = recorded
+            with ThreadPoolExecutor(3) as pool:
+                replies = list(
+                    pool.map(
+                        lambda q: httpx.post(
+                            f"{srv.url}/v1/chat/completions", json={"messages": _user(q), "max_tokens": 5}
+                        ),
+                        ["hi", "hello there", "what now?"],
+                    )
+                )
+            assert all(r.status_code == 200 for r in replies)
+    finally:
+        torch.set_num_threads(before)
+    bursts = [(threads, cpus) for decoding, threads, cpus in seen if not decoding]
+    decodes = [(threads, cpus) for decoding, threads, cpus in seen if decoding]
+    assert bursts and decodes
+    assert all(b == (2, set(cores)) for b in bursts)
+    assert all(d == (1, {cores[0]}) for d in decodes)
+
+
 def test_sampled_and_greedy_requests_share_decode_steps(lively):
     predictor = Predictor(lively.model)
     app = create_app(predictor, ServerConfig(batch_window_ms=300))
@@ -758,6 +798,13 @@ def test_serve_command_line_maps_onto_the_server_config(tmp_path):
     windows = build_parser().parse_args(["serve", "m", "--no-continuous-batching"])
     assert not _server_config(windows, web=False).continuous_batching
     assert config.lean_decode  # the lean LLM forward by default (tests/test_lean.py), off on request
+    assert config.prefill_threads == len(os.sched_getaffinity(0))  # a burst's prefill on every core
+    assert (
+        _server_config(
+            build_parser().parse_args(["serve", "m", "--prefill-threads", "0"]), False
+        ).prefill_threads
+        == 0
+    )
     plain = build_parser().parse_args(["serve", "m", "--no-lean-decode"])
     assert not _server_config(plain, web=False).lean_decode
     assert config.prefill_together and config.prefill_burst == 1024 and config.prefix_cache_mb == 64

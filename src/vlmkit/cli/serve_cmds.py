@@ -60,6 +60,7 @@ def _server_config(args: argparse.Namespace, web: bool) -> object:
         cpu_kernels=not args.no_cpu_kernels,
         prefill_together=args.prefill_together,
         prefill_burst=args.prefill_burst,
+        prefill_threads=available_cores() if args.prefill_threads is None else args.prefill_threads,
         image_cache_mb=args.image_cache_mb,
         prefix_cache_mb=args.prefix_cache_mb,
         batch_window_ms=args.batch_window_ms,
@@ -83,9 +84,12 @@ def model_threads(requested: int | None, cores: int | None = None) -> int:
     """Compute threads for the model: as asked, or all cores but one (left to the HTTP side), at least 1."""
     if requested and requested > 0:
         return requested
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, (cores or available_cores()) - 1)
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _serve(args: argparse.Namespace, web: bool) -> int:
@@ -148,6 +152,13 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         type=int,
         default=None,
         help="compute threads of the model (default: all cores but one, at least 1)",
+    )
+    g.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=None,
+        help="compute threads for a step in which no row decodes (a burst of requests prefilled, while the HTTP "
+        "side only waits; default: all cores; 0: the model's threads)",
     )
     g.add_argument(
         "--no-pin",

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from vlmkit.infer.api import ApiError, ServerConfig, generation_failed
 from vlmkit.infer.engine import Engine, RowSink
 from vlmkit.infer.generate import ChatRequest, ChatResult, sampling_key
@@ -69,6 +71,8 @@ class BatchWorker:
         self.config = config
         self.engine = engine
         self.cpus: set[int] | None = None  # the cores the model thread is pinned to (None: not pinned)
+        self.allowed: set[int] = set()  # the cores the process may use
+        self.model_threads = 1  # compute threads of a step in which rows decode (`_threads`)
         self.generate_calls = 0  # generate calls (windows), or decode steps (engine)
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.max_queue)
         self._lock = threading.Lock()
@@ -170,6 +174,7 @@ class BatchWorker:
             for job in jobs:
                 self._admit(job)
             del jobs  # the requests' images must not outlive their rows while the worker waits
+            self._threads(burst=not engine.rows)
             try:
                 engine.step()
             except Exception as err:  # never let a step kill the worker
@@ -178,15 +183,38 @@ class BatchWorker:
             self.generate_calls += 1
             self._progress = time.monotonic()
 
+    def _threads(self, burst: bool) -> None:
+        """The next step's compute threads: `config.prefill_threads` on all allowed cores for a step in which no row
+        decodes (a burst's prefill, compute-bound; no stream is waiting for a token then), else the model's threads
+        on their pinned cores."""
+        if not self.config.prefill_threads:
+            return
+        want = self.config.prefill_threads if burst else self.model_threads
+        if want == torch.get_num_threads():
+            return
+        if burst and self.cpus:
+            os.sched_setaffinity(0, self.allowed)  # compute threads started now may run on every core
+        torch.set_num_threads(want)
+        if not burst and self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+
     def _pin(self) -> None:
         """Pin the model thread (and the compute threads it starts) to `config.model_cpus` cores, as vLLM's CPU
         backend binds its engine: no migrations between decode steps."""
+        self.model_threads = torch.get_num_threads()
         n = self.config.model_cpus
         if not n or not hasattr(os, "sched_setaffinity"):
             return
         allowed = sorted(os.sched_getaffinity(0))
         if len(allowed) <= 1:
             return
+        self.allowed = set(allowed)
+        if (
+            self.config.prefill_threads
+        ):  # start the compute threads of a burst unpinned (they keep their cores)
+            torch.set_num_threads(self.config.prefill_threads)
+            torch.randn(1 << 20).exp_()
+            torch.set_num_threads(self.model_threads)
         self.cpus = set(allowed[: min(n, len(allowed))])
         os.sched_setaffinity(0, self.cpus)  # 0: this thread only (Linux)
         logger.info("model thread pinned to CPU(s) %s", sorted(self.cpus))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vlmkit.infer import kernels as _kernels
 from vlmkit.infer.kernels import Kernels
 from vlmkit.log import get_logger
 
@@ -174,3 +175,18 @@ def fuse_projections(model: nn.Module, kernels: Kernels | None = None) -> int:
                 setattr(module, name, FusedProjection(part, group, index))  # type: ignore[arg-type]
             fused += 1
     return fused
+
+
+def prepack_for_serving(model: nn.Module, fuse: bool = True, cpu_kernels: bool = True) -> None:
+    """`fuse_projections` on the LLM (with `fuse`), then `prepack_linears` on the whole model; bf16 linears for
+    vlmkit's own linear where it is chosen (`kernels.linear_kernels`, with `cpu_kernels`), else for oneDNN."""
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    ops = _kernels.linear_kernels() if cpu_kernels and bf16 else None
+    llm = getattr(model, "llm", model)
+    fused = fuse_projections(llm, ops) if fuse else 0  # first: no packed copy of a fused weight is made
+    logger.info(
+        "prepacked %d linear layers (+%d fused groups) for %s",
+        prepack_linears(model, ops),
+        fused,
+        "oneDNN" if ops is None else "vlmkit's bf16 linear (bf16 weights) and oneDNN",
+    )

@@ -21,7 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
-from vlmkit.infer import api, kernels
+from vlmkit.infer import api
 from vlmkit.infer.api import ApiError, ChatCompletionRequest, ImageRef, ServerConfig
 from vlmkit.infer.batching import Backend, BatchWorker, Job
 from vlmkit.infer.decoding import BudgetError, PixelBudget, release_memory
@@ -33,7 +33,7 @@ from vlmkit.infer.image_cache import ImageFeatureCache, bytes_key
 from vlmkit.infer.media import EncodedImage, MediaError, MediaPolicy, decode_media, fetch_media
 from vlmkit.infer.metrics import CONTENT_TYPE, ServerMetrics
 from vlmkit.infer.prefix_cache import PrefixCache
-from vlmkit.infer.prepack import fuse_projections, prepack_linears
+from vlmkit.infer.prepack import prepack_for_serving
 from vlmkit.infer.web import add_web_routes
 from vlmkit.log import get_logger
 from vlmkit.models.generation import GenerationConfig
@@ -391,17 +391,7 @@ def build_predictor(
     model = VisionLanguageModel.from_pretrained(model_dir)
     model = model.to(device=device, dtype=serving_dtype(dtype, device))
     if prepack and device == "cpu":
-        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-        ops = kernels.linear_kernels() if cpu_kernels and bf16 else None
-        fused = (
-            fuse_projections(model.llm, ops) if fuse else 0
-        )  # first: no packed copy of a fused weight is made
-        logger.info(
-            "prepacked %d linear layers (+%d fused groups) for %s",
-            prepack_linears(model, ops),
-            fused,
-            "oneDNN" if ops is None else "vlmkit's bf16 linear (bf16 weights) and oneDNN",
-        )
+        prepack_for_serving(model, fuse=fuse, cpu_kernels=cpu_kernels)
     return Predictor(model, **kwargs)
 
 

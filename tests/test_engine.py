@@ -194,6 +194,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps():
     prompt = len(engine.prepare(long_request).ids)
     assert prompt > 3 * 8
     late = _add(engine, long_request)
+    phases: list[bool] = []
+    engine.on_phase = phases.append  # the server sets compute threads per phase (tests/test_server.py)
     steps = 0
     while late.first_step is None:
         before = [len(r.deltas) for r in running]
@@ -205,6 +207,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps():
         assert engine.stats.decoded_rows >= 2 * (1 + steps)
         assert all(r.result is None for r in running) and before is not None
     assert steps == -(-prompt // 8)  # ceil: one chunk per step
+    assert phases == [True, False] * steps  # each step: a chunk of the prompt, then the decode
+    phases.clear()
+    engine.step()
+    assert phases == [False]  # nothing waiting: decode only
     _run(engine)
     solo = predictor.generate([long_request])[0]
     assert late.result.token_ids == solo.token_ids

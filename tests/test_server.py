@@ -684,9 +684,9 @@ def test_the_model_thread_is_pinned_to_its_cores(lively):
     assert os.sched_getaffinity(0) == set(cores)  # only the model thread was pinned
 
 
-def test_a_burst_is_prefilled_on_every_core_and_decoded_on_the_models(lively):
-    """`prefill_threads`: a step in which no row decodes runs with that many compute threads on all allowed cores;
-    steps with decoding rows go back to the model's threads on its pinned core."""
+def test_prompts_are_prefilled_on_every_core_and_decoded_on_the_models(lively):
+    """`prefill_threads`: the engine's prefill runs with that many compute threads on all allowed cores, its decode
+    with the model's threads on their pinned core."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         pytest.skip("one core: nothing to switch")
@@ -697,14 +697,17 @@ def test_a_burst_is_prefilled_on_every_core_and_decoded_on_the_models(lively):
             Predictor(lively.model), ServerConfig(model_cpus=1, prefill_threads=2, batch_window_ms=300)
         )
         with ServerThread(app) as srv:
-            engine = app.state.engine
-            step, seen = engine.step, []
+            engine, seen = app.state.engine, []
 
-            def recorded():
-                seen.append((bool(engine.rows), torch.get_num_threads(), os.sched_getaffinity(0)))
-                return step()
+            def recording(phase, call):
+                def recorded(*args):
+                    seen.append((phase, torch.get_num_threads(), os.sched_getaffinity(0)))
+                    return call(*args)
 
-            engine.step = recorded
+                return recorded
+
+            for name in ("_prefill", "_decode"):
+                setattr(engine, name, recording(name, getattr(engine, name)))
             with ThreadPoolExecutor(3) as pool:
                 replies = list(
                     pool.map(
@@ -717,11 +720,9 @@ def test_a_burst_is_prefilled_on_every_core_and_decoded_on_the_models(lively):
             assert all(r.status_code == 200 for r in replies)
     finally:
         torch.set_num_threads(before)
-    bursts = [(threads, cpus) for decoding, threads, cpus in seen if not decoding]
-    decodes = [(threads, cpus) for decoding, threads, cpus in seen if decoding]
-    assert bursts and decodes
-    assert all(b == (2, set(cores)) for b in bursts)
-    assert all(d == (1, {cores[0]}) for d in decodes)
+    assert {phase for phase, _, _ in seen} == {"_prefill", "_decode"}
+    assert all((t, c) == (2, set(cores)) for phase, t, c in seen if phase == "_prefill")
+    assert all((t, c) == (1, {cores[0]}) for phase, t, c in seen if phase == "_decode")
 
 
 def test_sampled_and_greedy_requests_share_decode_steps(lively):

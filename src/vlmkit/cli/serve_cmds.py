@@ -157,8 +157,8 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
         "--prefill-threads",
         type=int,
         default=None,
-        help="compute threads for a step in which no row decodes (a burst of requests prefilled, while the HTTP "
-        "side only waits; default: all cores; 0: the model's threads)",
+        help="compute threads for prefilling prompts (compute-bound; decode steps keep --threads, leaving a core "
+        "to the HTTP side; default: all cores; 0: the model's threads)",
     )
     g.add_argument(
         "--no-pin",

@@ -41,8 +41,8 @@ class ServerConfig:
     image_cache_mb: float = 256.0  # image-feature cache (visual tokens by image bytes), LRU; 0: off
     prefix_cache_mb: float = 64.0  # keys and values of earlier prompts and answers, LRU; 0: off
     model_cpus: int | None = None  # pin the model thread to this many cores (None: not pinned)
-    # compute threads for a step in which no row decodes (a burst of arrivals prefilled: the HTTP side only waits
-    # then), unpinned; None: the model's threads, as in every other step
+    # compute threads for prefilling (compute-bound; the streams wait for the step anyway), unpinned; None: the
+    # model's threads, as for decoding
     prefill_threads: int | None = None
     max_queue: int = 256  # queued requests beyond this get HTTP 429
     default_max_tokens: int = 256

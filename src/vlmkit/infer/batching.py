@@ -155,6 +155,7 @@ class BatchWorker:
         engine = self.engine
         assert engine is not None
         self._pin()
+        engine.on_phase = self._threads
         while True:
             if not engine.busy:
                 self._busy_since = None
@@ -174,7 +175,6 @@ class BatchWorker:
             for job in jobs:
                 self._admit(job)
             del jobs  # the requests' images must not outlive their rows while the worker waits
-            self._threads(burst=not engine.rows)
             try:
                 engine.step()
             except Exception as err:  # never let a step kill the worker
@@ -183,19 +183,18 @@ class BatchWorker:
             self.generate_calls += 1
             self._progress = time.monotonic()
 
-    def _threads(self, burst: bool) -> None:
-        """The next step's compute threads: `config.prefill_threads` on all allowed cores for a step in which no row
-        decodes (a burst's prefill, compute-bound; no stream is waiting for a token then), else the model's threads
-        on their pinned cores."""
+    def _threads(self, prefill: bool) -> None:
+        """Compute threads for the engine's next phase: `config.prefill_threads` on all allowed cores for prefilling
+        (compute-bound), the model's threads on their pinned cores for decoding."""
         if not self.config.prefill_threads:
             return
-        want = self.config.prefill_threads if burst else self.model_threads
+        want = self.config.prefill_threads if prefill else self.model_threads
         if want == torch.get_num_threads():
             return
-        if burst and self.cpus:
+        if prefill and self.cpus:
             os.sched_setaffinity(0, self.allowed)  # compute threads started now may run on every core
         torch.set_num_threads(want)
-        if not burst and self.cpus:
+        if not prefill and self.cpus:
             os.sched_setaffinity(0, self.cpus)
 
     def _pin(self) -> None:

@@ -163,6 +163,8 @@ class Engine:
         if ops is not None:
             kernels.swap_activations(self.model.vision, ops)
         self.batch = self._new_batch()
+        # called with True before a step's prefill, False before its decode (the server sets compute threads)
+        self.on_phase: Callable[[bool], None] = lambda prefill: None
 
     def _new_batch(self) -> RowBatch:
         model = self.model
@@ -221,8 +223,11 @@ class Engine:
         """One scheduling step (see the module docstring)."""
         self._drop_cancelled()
         with torch.no_grad(), autocast_context(self.predictor.precision, self.device.type):
-            self._prefill(self.prefill_chunk if self.rows else None)
+            if self.waiting or self.prefilling is not None:
+                self.on_phase(True)
+                self._prefill(self.prefill_chunk if self.rows else None)
             if self.rows:
+                self.on_phase(False)
                 self._decode()
         if not self.busy:
             self.batch.release()

@@ -50,3 +50,29 @@ def test_default_smollm2_from_installed_package(smollm2_vlm):
     )
     answer = smollm2_vlm.generate_text([prompt], max_new_tokens=12)[0]
     assert "Paris" in answer
+
+
+def test_the_kv_cache_is_passed_under_the_installed_transformers_name():
+    """transformers renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40): generation, the
+    engine and the model's forward must use the name of the installed version, with no deprecation warning."""
+    import warnings
+
+    from vlmkit.infer.engine import Engine, RowSink
+    from vlmkit.infer.generate import ChatRequest, Predictor
+    from vlmkit.models.generation import GenerationConfig
+
+    from conftest import lively_model, random_image, user_turn
+
+    model = lively_model()
+    requests = [
+        ChatRequest(user_turn("what is it?", 1), [random_image(1)], GenerationConfig(max_new_tokens=4))
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        answer = Predictor(model).generate(requests)[0]
+        engine = Engine(Predictor(model), lean=False)
+        done = []
+        engine.add(engine.prepare(requests[0]), RowSink(on_done=done.append))
+        while engine.busy:
+            engine.step()
+    assert answer.completion_tokens == 4 and done[0].token_ids == answer.token_ids

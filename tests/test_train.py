@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -323,7 +324,10 @@ def test_gradient_checkpointing_recomputes_the_vision_tower_blocks(tower):
 
     plain = tower_grads()
     assert len(calls) == len(blocks)
-    _enable_gradient_checkpointing(model)
+    with warnings.catch_warnings():  # transformers' current name, not its deprecated alias (gone in v6)
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*deprecated")
+        _enable_gradient_checkpointing(model)
+    assert model.llm.decoder.is_gradient_checkpointing or model.llm.model.model.gradient_checkpointing
     checkpointed = tower_grads()
     # forward, then the recomputation during backward (of the blocks up to `select_layer`)
     assert len(calls) > len(blocks)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from vlmkit.models.hf_compat import returned_cache
+
 
 @dataclass
 class GenerationConfig:
@@ -113,7 +115,7 @@ def decode_loop(
         positions = torch.cat([positions, new_pos], dim=1)
         kwargs = advance(kwargs, cache is not None)
         if cache is not None:
-            cache = out.past_key_values
+            cache = returned_cache(out)
             cur_embeds, cur_pos = new_embed, new_pos
         else:
             embeds = torch.cat([embeds, new_embed], dim=1)

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from vlmkit.config import LLMConfig
 from vlmkit.log import get_logger
+from vlmkit.models.hf_compat import cache_kwarg
 from vlmkit.models.tiny_tokenizer import build_tiny_tokenizer
 from vlmkit.registry import Registry
 from vlmkit.templates import CHATML_TEMPLATE  # noqa: F401  (re-exported)
@@ -240,7 +241,18 @@ class LanguageModel(nn.Module):
         return sorted(i for i in ids if i is not None)
 
     def forward(self, **kwargs: Any) -> Any:
+        """The transformers model's forward; a KV cache given as `past_key_values` goes under the name the installed
+        transformers takes (`cache` since it was renamed: the old name warns and is to go in 5.40)."""
+        if "past_key_values" in kwargs and self._cache_name != "past_key_values":
+            kwargs[self._cache_name] = kwargs.pop("past_key_values")
         return self.model(**kwargs)
+
+    @property
+    def _cache_name(self) -> str:
+        name = self.__dict__.get("_cache_kwarg")
+        if name is None:
+            name = self.__dict__["_cache_kwarg"] = cache_kwarg(self._transformers_model)
+        return name
 
 
 def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:

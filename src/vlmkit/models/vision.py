@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from vlmkit.config import VisionConfig
 from vlmkit.data.processor import ImageProcessor
 from vlmkit.log import get_logger
+from vlmkit.models.hf_compat import enable_activation_checkpointing
 from vlmkit.registry import Registry
 
 log = get_logger(__name__)
@@ -403,7 +404,7 @@ class HFVisionTower(VisionTower):
     def enable_gradient_checkpointing(self) -> None:
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             raise ValueError(f"vision tower '{self.model_type}' does not support gradient checkpointing")
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(self.model)
 
     def hf_config_dict(self) -> dict | None:
         return self.model.config.to_dict()

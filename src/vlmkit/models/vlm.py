@@ -33,6 +33,7 @@ from vlmkit.models.bridges import Bridge, build_bridge
 from vlmkit.models.detection import DetectionHead
 from vlmkit.models.fusion import LLMInputs, build_fusion
 from vlmkit.models.generation import GenerationConfig, decode_loop
+from vlmkit.models.hf_compat import returned_cache
 from vlmkit.models.llm import LanguageModel, build_llm
 from vlmkit.models.lora import ImageGate, has_lora, rows_with_image, wrap_lora
 from vlmkit.models.vision import VisionTower, build_vision_tower
@@ -295,7 +296,7 @@ class VisionLanguageModel(nn.Module):
         out = self.llm(**common, past_key_values=past_key_values, use_cache=use_cache, **inputs.kwargs)
         self.fusion.check(inputs.kwargs)
         loss = causal_lm_loss(out.logits, labels, label_weights) if labels is not None else None
-        return VLMOutput(out.logits, loss, out.past_key_values if use_cache else None)
+        return VLMOutput(out.logits, loss, returned_cache(out) if use_cache else None)
 
     # ------------------------------------------------------------------------------------ diagnostics
     def word_embedding_rms(self) -> float:

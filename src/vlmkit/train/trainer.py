@@ -27,6 +27,7 @@ from vlmkit.io import atomic_write_json, replace_dir, temp_dir_for
 from vlmkit.log import get_logger
 from vlmkit.memory import HeapReleaser, release_free_memory
 from vlmkit.models.detection import HEAD_WEIGHTS, DetectionHead
+from vlmkit.models.hf_compat import enable_activation_checkpointing
 from vlmkit.models.summary import parts_table
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.models.word_bridges import uses_detector
@@ -650,8 +651,8 @@ def _remove_leftovers(run_dir: Path) -> None:
 def _enable_gradient_checkpointing(model: VisionLanguageModel) -> None:
     """Activation checkpointing of the LLM's decoder layers and of the vision tower's blocks."""
     inner = model.llm.model
-    if hasattr(inner, "gradient_checkpointing_enable"):
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "gradient_checkpointing_enable") or hasattr(inner, "activation_checkpointing_enable"):
+        enable_activation_checkpointing(inner)
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
     model.vision.enable_gradient_checkpointing()

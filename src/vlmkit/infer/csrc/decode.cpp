@@ -370,15 +370,19 @@ bool has_bf16_linear();
 torch::Tensor pack_linear(torch::Tensor weight);
 torch::Tensor linear(torch::Tensor x, torch::Tensor packed, std::optional<torch::Tensor> bias, int64_t N);
 
+// Every op releases the GIL while it runs (as PyTorch's own ops do): the server's HTTP side keeps streaming tokens
+// on the other core meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("has_bf16_linear", &has_bf16_linear, "whether linear/pack_linear were built (AVX512-BF16)");
-  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] packed for linear");
-  m.def("linear", &linear, "x [..., K] @ a packed weight + bias -> [..., N] (bf16)", py::arg("x"), py::arg("packed"),
-        py::arg("bias") = py::none(), py::arg("n"));
-  m.def("rope", &rope, "RoPE on the first heads of a fused q/k/v projection");
-  m.def("quick_gelu", &quick_gelu, "x * sigmoid(1.702 x)");
-  m.def("decode_attention", &decode_attention, "attention of one decode step (q [B,H,R,D], k/v [B,H,L,D], valid [B])");
-  m.def("rope_attention", &rope_attention, "RoPE, cache write and attention of one decode step");
-  m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("has_bf16_linear", &has_bf16_linear, "whether linear/pack_linear were built (AVX512-BF16)", nogil());
+  m.def("pack_linear", &pack_linear, "a bf16 weight [N, K] packed for linear", nogil());
+  m.def("linear", &linear, "x [..., K] @ a packed weight + bias -> [..., N] (bf16)", nogil(), py::arg("x"),
+        py::arg("packed"), py::arg("bias") = py::none(), py::arg("n"));
+  m.def("rope", &rope, "RoPE on the first heads of a fused q/k/v projection", nogil());
+  m.def("quick_gelu", &quick_gelu, "x * sigmoid(1.702 x)", nogil());
+  m.def("decode_attention", &decode_attention,
+        "attention of one decode step (q [B,H,R,D], k/v [B,H,L,D], valid [B])", nogil());
+  m.def("rope_attention", &rope_attention, "RoPE, cache write and attention of one decode step", nogil());
+  m.def("add_rms_norm", &add_rms_norm, "residual add and RMSNorm", nogil());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", nogil());
 }

@@ -321,3 +321,22 @@ def test_the_kernels_let_other_python_threads_run(kernel):
     inside = [sum(a < t < b for t in ticks) for a, b in windows]
     # with the GIL held the other thread cannot run at all during a call (tens of ms here)
     assert all(b - a > 0.01 for a, b in windows) and max(inside) >= 5, (inside, windows)
+
+
+def test_the_kernels_build_for_a_cpu_without_avx512_bf16(kernel):
+    """On an AVX2-only CPU (most laptops) the extension still builds: the decode kernels work and the bf16 linear
+    says it is absent (the served linears stay oneDNN's) instead of failing the whole build (a build: ~40 s, cached)."""
+    from torch.utils import cpp_extension
+
+    flags = [f for f in cpu_kernels.FLAGS if f != "-march=native"] + ["-march=haswell"]
+    module = cpp_extension.load(
+        name=f"{cpu_kernels.build_name()}_haswell",
+        sources=[str(s) for s in cpu_kernels.SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+    )
+    assert not module.has_bf16_linear()
+    with pytest.raises(RuntimeError, match="without AVX512-BF16"):
+        module.pack_linear(torch.randn(4, 8).to(torch.bfloat16))
+    gate_up = torch.randn(3, 8)
+    assert torch.allclose(module.silu_and_mul(gate_up), F.silu(gate_up[:, :4]) * gate_up[:, 4:], atol=1e-6)

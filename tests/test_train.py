@@ -334,3 +334,41 @@ def test_gradient_checkpointing_recomputes_the_vision_tower_blocks(tower):
     assert len(plain) == len(checkpointed)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b)
+
+
+def test_a_stage_frees_its_optimizer_before_merging_and_saving(tmp_path, monkeypatch):
+    """The optimizer state (AdamW: two fp32 copies of what trains, a GiB for a full 135M-parameter stage) is gone
+    before the stage merges LoRA and saves the model, not kept by the scheduler until the stage function returns."""
+    import gc
+    import weakref
+
+    from vlmkit.train import trainer
+
+    built, alive = [], []
+
+    def recording_build(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        built.append(weakref.ref(optimizer))
+        return optimizer
+
+    def checking_merge(model):
+        gc.collect()
+        alive.append(any(ref() is not None for ref in built))
+        return merge_lora(model)
+
+    build_optimizer, merge_lora = trainer.build_optimizer, trainer.merge_lora
+    monkeypatch.setattr(trainer, "build_optimizer", recording_build)
+    monkeypatch.setattr(trainer, "merge_lora", checking_merge)
+    main(
+        [
+            "train",
+            TINY,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "stages=[{name: fit, preset: full, max_steps: 2, batch_size: 4, tasks: [counting]}]",
+            "data.synthetic.n_train=8",
+            "train.plot=false",
+        ]
+    )
+    assert built and alive == [False]

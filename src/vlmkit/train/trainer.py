@@ -457,7 +457,9 @@ class Trainer:
         heap.restart()  # the steps' heap back to the OS before the final validation's generation
         self._validate(wrapped, data, stage, progress, autocast, speedup)
         kill_point("stage_validated")
-        wrapped = optimizer = None  # released as before (the step closures refer to these names)
+        # released before merging and saving (the step closures refer to these names; the scheduler holds the
+        # optimizer too)
+        wrapped = optimizer = scheduler = None
         release_free_memory()  # the steps' heap, before the frozen weights' originals come back
         model = self.strategy.unwrap(model)  # FSDP: a plain model holding the gathered full weights
         speedup.undo()  # frozen weights back to their own values and dtype, plain layers

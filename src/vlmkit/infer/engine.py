@@ -270,8 +270,7 @@ class Engine:
                     self.stats.reused_tokens += self.batch.pending.done  # type: ignore[union-attr]
                     row.inputs = None
                 except Exception as err:
-                    logger.warning("request refused while preparing its inputs: %s", err)
-                    row.sink.on_error(err)
+                    self._refuse(row, err)
                     continue
                 self.prefilling = row
             row = self.prefilling
@@ -297,6 +296,12 @@ class Engine:
                 self.batch.admit()
                 self.rows.append(row)
 
+    @staticmethod
+    def _refuse(row: Row, err: Exception) -> None:
+        """A request whose inputs cannot be prepared (an image the processor refuses, ...) fails alone."""
+        logger.warning("request refused while preparing its inputs: %s", err)
+        row.sink.on_error(err)
+
     def _prefill_together(self, budget: float) -> int:
         """Prefill the whole prompts of the first waiting rows in one LLM call (right-padded, `RowBatch.
         prefill_many`): as many as free rows allow within `budget` and `prefill_chunk` prompt tokens (so a step
@@ -319,9 +324,8 @@ class Engine:
                 try:
                     row.inputs = self._inputs(row)
                 except Exception as err:
-                    logger.warning("request refused while preparing its inputs: %s", err)
                     self.waiting.remove(row)
-                    row.sink.on_error(err)
+                    self._refuse(row, err)
                     continue
             if row.inputs.kwargs:  # e.g. xattn images: prefilled alone
                 break

@@ -16,6 +16,10 @@ torchvision shim it needs here). Both servers load the export exactly as `vlmkit
     .venv/bin/python bench/serve_vs_vllm.py [--clients 8 32] [--tokens 64] [--rounds 2]
 
 The last line is `ratio=<vlmkit / vLLM output tokens/s with 8 clients>`. Never part of `make test`.
+
+`--baseline-vlmkit-args "ARGS"` measures a server option instead: the baseline is a second `vlmkit serve` with
+ARGS (e.g. `--prefill-threads 0`) under the same load, alternated the same way, and no vLLM is started; the ratios
+are then vlmkit / that baseline.
 """
 
 from __future__ import annotations
@@ -217,34 +221,61 @@ def main() -> int:
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--vlmkit-args", default="", help="extra `vlmkit serve` arguments")
     parser.add_argument("--vllm-args", default="", help="extra vLLM server arguments")
+    parser.add_argument(
+        "--baseline-vlmkit-args",
+        default=None,
+        help="compare against `vlmkit serve` with these arguments instead of vLLM (an A/B of a server option)",
+    )
     args = parser.parse_args()
 
-    python = ensure_vllm_venv(args.vllm_venv)  # installed on first use (several minutes), then reused
+    baseline = args.baseline_vlmkit_args is not None
+    python = None if baseline else ensure_vllm_venv(args.vllm_venv)  # installed on first use, then reused
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir, export_dir = build_model(args.work)
     max_rows = max(args.clients)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    vlmkit = Server(
-        "vlmkit",
-        [
-            sys.executable,
-            "-m",
-            "vlmkit.cli",
-            "serve",
-            str(model_dir),
-            "--port",
-            str(free_port()),
-            "--no-web",
-            "--max-batch",
-            str(max_rows),
-            *args.vlmkit_args.split(),
-        ],
-        env,
-        args.work / "vlmkit-serve.log",
+
+    def ours(name: str, extra: str) -> Server:
+        command = [sys.executable, "-m", "vlmkit.cli", "serve", str(model_dir), "--port", str(free_port())]
+        command += ["--no-web", "--max-batch", str(max_rows), *extra.split()]
+        return Server(name, command, env, args.work / f"{name}-serve.log")
+
+    vlmkit = ours("vlmkit", args.vlmkit_args)
+    reference = (
+        ours("base", args.baseline_vlmkit_args) if baseline else vllm_server(args, python, export_dir, env)
     )
+    cores, load = os.cpu_count() or 1, os.getloadavg()
+    print(
+        f"machine: {cores} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at start",
+        flush=True,
+    )
+    results = measure(args, vlmkit, reference)
+    ratio8 = None
+    for clients in args.clients:
+        mine, theirs = results[(vlmkit.name, clients)], results[(reference.name, clients)]
+        tok = statistics.median(r["tokens_per_s"] for r in mine) / statistics.median(
+            r["tokens_per_s"] for r in theirs
+        )
+        ttft = statistics.median(r["ttft_p50"] for r in mine) / statistics.median(
+            r["ttft_p50"] for r in theirs
+        )
+        itl = statistics.median(r["itl_p95"] for r in mine) / statistics.median(r["itl_p95"] for r in theirs)
+        print(
+            f"clients={clients}: output tokens/s ratio={tok:.2f} (goal >= 1.0 at 8)  "
+            f"p50 TTFT ratio={ttft:.2f} (goal <= 1.5)  p95 ITL ratio={itl:.2f}  (vlmkit / {reference.name}, medians "
+            f"of {args.rounds} rounds)"
+        )
+        if clients == 8 or ratio8 is None:
+            ratio8 = tok
+    print(f"ratio={ratio8:.2f}")
+    return 0
+
+
+def vllm_server(args: argparse.Namespace, python: Path, export_dir: Path, env: dict[str, str]) -> Server:
+    """vLLM's OpenAI server on the export."""
     vllm_env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
     vllm_env.pop("PYTHONPATH", None)
-    vllm = Server(
+    return Server(
         "vLLM",
         [
             str(python),
@@ -265,11 +296,11 @@ def main() -> int:
         vllm_env,
         args.work / "vllm-serve.log",
     )
-    cores, load = os.cpu_count() or 1, os.getloadavg()
-    print(
-        f"machine: {cores} cores, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at start",
-        flush=True,
-    )
+
+
+def measure(args: argparse.Namespace, vlmkit: Server, vllm: Server) -> dict[tuple[str, int], list[dict]]:
+    """Start both (`vllm`: vLLM or the baseline vlmkit), warm both, then the load on each in turn (A B, B A, ...)
+    per client count."""
     results: dict[tuple[str, int], list[dict]] = {}
     try:
         for server in (vlmkit, vllm):
@@ -304,25 +335,7 @@ def main() -> int:
     finally:
         vlmkit.stop()
         vllm.stop()
-    ratio8 = None
-    for clients in args.clients:
-        ours, theirs = results[("vlmkit", clients)], results[("vLLM", clients)]
-        tok = statistics.median(r["tokens_per_s"] for r in ours) / statistics.median(
-            r["tokens_per_s"] for r in theirs
-        )
-        ttft = statistics.median(r["ttft_p50"] for r in ours) / statistics.median(
-            r["ttft_p50"] for r in theirs
-        )
-        itl = statistics.median(r["itl_p95"] for r in ours) / statistics.median(r["itl_p95"] for r in theirs)
-        print(
-            f"clients={clients}: output tokens/s ratio={tok:.2f} (goal >= 1.0 at 8)  "
-            f"p50 TTFT ratio={ttft:.2f} (goal <= 1.5)  p95 ITL ratio={itl:.2f}  (vlmkit / vLLM, medians of "
-            f"{args.rounds} rounds)"
-        )
-        if clients == 8 or ratio8 is None:
-            ratio8 = tok
-    print(f"ratio={ratio8:.2f}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -359,16 +359,6 @@ def test_a_stage_frees_its_optimizer_before_merging_and_saving(tmp_path, monkeyp
     build_optimizer, merge_lora = trainer.build_optimizer, trainer.merge_lora
     monkeypatch.setattr(trainer, "build_optimizer", recording_build)
     monkeypatch.setattr(trainer, "merge_lora", checking_merge)
-    main(
-        [
-            "train",
-            TINY,
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            "stages=[{name: fit, preset: full, max_steps: 2, batch_size: 4, tasks: [counting]}]",
-            "data.synthetic.n_train=8",
-            "train.plot=false",
-        ]
-    )
+    stage = "stages=[{name: fit, preset: full, max_steps: 2, batch_size: 4, tasks: [counting]}]"
+    main(["train", TINY, "--out", str(tmp_path / "run"), "--set", stage, "data.synthetic.n_train=8"])
     assert built and alive == [False]

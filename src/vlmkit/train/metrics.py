@@ -13,24 +13,19 @@ log = get_logger(__name__)
 
 
 class MetricsLog:
-    """Appends JSON lines; on resume, drops lines past the checkpoint's step so the file matches the run."""
+    """Appends JSON lines (and TensorBoard scalars); on resume, drops what lies past the checkpoint's step so both
+    match the run."""
 
     def __init__(self, path: Path, tensorboard_dir: Path | None = None) -> None:
         self.path = path
-        self.writer = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                log.warning(
-                    "train.tensorboard is on but the tensorboard package is not installed; skipping it"
-                )
+        self.tensorboard_dir = tensorboard_dir
+        self.writer: Any = None
+        self._purge_step: int | None = None  # TensorBoard hides earlier runs' events from this step on
 
     def truncate_after(self, step: int) -> None:
         """Keep the lines up to `step` (a resume point); lines cut by a kill are dropped. Atomic: a kill during
-        the rewrite leaves the old file."""
+        the rewrite leaves the old file. TensorBoard's events past `step` are purged when its writer starts."""
+        self._purge_step = step + 1
         if not self.path.is_file():
             return
         keep = [line + "\n" for line, row in _lines(self.path) if row.get("step", 0) <= step]
@@ -39,10 +34,25 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
+        writer = self._writer()
+        if writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float) and key != "step":
-                    self.writer.add_scalar(f"{record.get('stage', 'train')}/{key}", value, record["step"])
+                    writer.add_scalar(f"{record.get('stage', 'train')}/{key}", value, record["step"])
+
+    def _writer(self) -> Any:
+        """TensorBoard's writer, started at the first record (after a resume's `truncate_after`)."""
+        if self.writer is None and self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
+            except ImportError:
+                log.warning(
+                    "train.tensorboard is on but the tensorboard package is not installed; skipping it"
+                )
+                self.tensorboard_dir = None
+        return self.writer
 
     def close(self) -> None:
         if self.writer is not None:

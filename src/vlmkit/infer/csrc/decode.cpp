@@ -49,6 +49,23 @@ inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
+template <typename T>
+T* ptr(torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(!t.is_cuda(), name, ": CPU tensors only");
+  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat, name, ": bf16 or fp32");
+}
+
+// f(T{}) with T the element type the loops read and write: uint16_t for a bf16 tensor, float for fp32.
+template <typename F>
+void by_dtype(const torch::Tensor& t, F&& f) {
+  if (t.scalar_type() == torch::kBFloat16)
+    f(uint16_t{});
+  else
+    f(float{});
+}
+
 constexpr int64_t kMaxDim = 256;
 constexpr int64_t kMaxRep = 16;
 
@@ -139,21 +156,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(q.size(2) <= kMaxRep, "at most ", kMaxRep, " queries per key/value head");
   TORCH_CHECK(q.size(3) <= kMaxDim, "head size at most ", kMaxDim);
   TORCH_CHECK(valid.numel() == q.size(0), "one key count per row");
-  TORCH_CHECK(!q.is_cuda(), "CPU only");
+  check_cpu(q, "decode_attention");
   auto qc = q.contiguous();
   auto vl = valid.to(torch::kLong).contiguous();
   auto out = torch::empty_like(qc);
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), L = k.size(2);
   const int64_t kst[3] = {k.stride(0), k.stride(1), k.stride(2)}, vst[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  if (q.scalar_type() == torch::kBFloat16) {
-    dispatch<uint16_t>(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(k.data_ptr()),
-                       reinterpret_cast<const uint16_t*>(v.data_ptr()), vl.data_ptr<int64_t>(),
-                       reinterpret_cast<uint16_t*>(out.data_ptr()), B, H, R, D, L, kst, vst, float(scale));
-  } else {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat, "bf16 or fp32");
-    dispatch<float>(qc.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), vl.data_ptr<int64_t>(),
-                    out.data_ptr<float>(), B, H, R, D, L, kst, vst, float(scale));
-  }
+  by_dtype(qc, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch<T>(ptr<T>(qc), ptr<T>(k), ptr<T>(v), vl.data_ptr<int64_t>(), ptr<T>(out), B, H, R, D, L, kst, vst,
+                float(scale));
+  });
   return out;
 }
 
@@ -243,14 +256,6 @@ void silu_mul(const T* gate_up, T* out, int64_t N, int64_t I) {
   });
 }
 
-template <typename T>
-T* ptr(torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
-
-void check_cpu(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(!t.is_cuda(), name, ": CPU tensors only");
-  TORCH_CHECK(t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat, name, ": bf16 or fp32");
-}
-
 }  // namespace
 
 // One decode step's attention block between the q/k/v projection and the output projection: qkv [B, (H+2KV)*D]
@@ -273,12 +278,11 @@ torch::Tensor rope_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
   TORCH_CHECK(c.numel() == B * D && sn.numel() == B * D, "cos/sin must be [B, D]");
   auto out = torch::empty({B, heads * D}, x.options());
   const int64_t cst[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
-  if (x.scalar_type() == torch::kBFloat16)
-    rope_write_attend<uint16_t>(ptr<uint16_t>(x), ptr<uint16_t>(c), ptr<uint16_t>(sn), ptr<uint16_t>(keys),
-                                ptr<uint16_t>(values), pp, ptr<uint16_t>(out), B, heads, kv_heads, D, cst, float(scale));
-  else
-    rope_write_attend<float>(ptr<float>(x), ptr<float>(c), ptr<float>(sn), ptr<float>(keys), ptr<float>(values), pp,
-                             ptr<float>(out), B, heads, kv_heads, D, cst, float(scale));
+  by_dtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    rope_write_attend<T>(ptr<T>(x), ptr<T>(c), ptr<T>(sn), ptr<T>(keys), ptr<T>(values), pp, ptr<T>(out), B, heads,
+                         kv_heads, D, cst, float(scale));
+  });
   return out;
 }
 
@@ -290,11 +294,10 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor hidden, torch::Tensor delt
   auto h = hidden.contiguous(), dl = delta.contiguous(), w = weight.contiguous();
   auto sum = torch::empty_like(h), normed = torch::empty_like(h);
   const int64_t D = h.size(-1), N = h.numel() / D;
-  if (h.scalar_type() == torch::kBFloat16)
-    add_rms<uint16_t>(ptr<uint16_t>(h), ptr<uint16_t>(dl), ptr<uint16_t>(w), ptr<uint16_t>(sum), ptr<uint16_t>(normed),
-                      N, D, float(eps));
-  else
-    add_rms<float>(ptr<float>(h), ptr<float>(dl), ptr<float>(w), ptr<float>(sum), ptr<float>(normed), N, D, float(eps));
+  by_dtype(h, [&](auto tag) {
+    using T = decltype(tag);
+    add_rms<T>(ptr<T>(h), ptr<T>(dl), ptr<T>(w), ptr<T>(sum), ptr<T>(normed), N, D, float(eps));
+  });
   return {sum, normed};
 }
 
@@ -306,10 +309,10 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   auto sizes = g.sizes().vec();
   sizes.back() = I;
   auto out = torch::empty(sizes, g.options());
-  if (g.scalar_type() == torch::kBFloat16)
-    silu_mul<uint16_t>(ptr<uint16_t>(g), ptr<uint16_t>(out), N, I);
-  else
-    silu_mul<float>(ptr<float>(g), ptr<float>(out), N, I);
+  by_dtype(g, [&](auto tag) {
+    using T = decltype(tag);
+    silu_mul<T>(ptr<T>(g), ptr<T>(out), N, I);
+  });
   return out;
 }
 
@@ -337,7 +340,7 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_
           rope_head(xp + (n * heads + h) * D, cp + n * D, sp + n * D, op + (n * count + h) * D, D);
     });
   };
-  if (xc.scalar_type() == torch::kBFloat16) body(uint16_t{}); else body(float{});
+  by_dtype(xc, body);
   return out;
 }
 
@@ -361,7 +364,7 @@ torch::Tensor quick_gelu(torch::Tensor x) {
       }
     });
   };
-  if (xc.scalar_type() == torch::kBFloat16) body(uint16_t{}); else body(float{});
+  by_dtype(xc, body);
   return out;
 }
 

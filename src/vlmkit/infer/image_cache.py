@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 
 import torch
 from PIL import Image
 
 from vlmkit.config import to_dict
+from vlmkit.infer.byte_lru import ByteLRU
 from vlmkit.models.fingerprint import tower_description, weights_digest
 
 
@@ -37,50 +36,23 @@ def model_fingerprint(model: torch.nn.Module, images: object, dtype: torch.dtype
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class ImageFeatureCache:
+class ImageFeatureCache(ByteLRU[str, torch.Tensor]):
     """LRU map image key -> visual tokens [tiles, M, D], at most `max_bytes` of tensors (0 disables it).
 
     Thread-safe; `hits`, `misses`, `evictions`, `nbytes` and `len()` are what /metrics reports."""
 
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"the image cache size must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.hits = self.misses = self.evictions = 0
-        self.nbytes = 0
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._items)
+    kind = "image cache"
 
     def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
+            if key not in self._items:
+                self._miss()
                 return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
+            return self._hit(key)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return  # larger than the whole cache (or the cache is off)
-        value = value.detach()
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.nbytes -= old.numel() * old.element_size()
-            self._items[key] = value
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._items.popitem(last=False)
-                self.nbytes -= dropped.numel() * dropped.element_size()
-                self.evictions += 1
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
+            self._store(key, value.detach(), size)

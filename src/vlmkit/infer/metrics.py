@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vlmkit.infer.byte_lru import ByteLRU
 from vlmkit.infer.engine import EngineStats
 from vlmkit.infer.image_cache import ImageFeatureCache
 from vlmkit.infer.prefix_cache import PrefixCache
@@ -73,9 +74,7 @@ class _Counters(Collector):
             yield from _cache("prefix", self.prefixes, "prefix cache", "keys and values", "prompts")
 
 
-def _cache(
-    name: str, cache: ImageFeatureCache | PrefixCache, what: str, holds: str, items: str
-) -> Iterator[Any]:
+def _cache(name: str, cache: ByteLRU, what: str, holds: str, items: str) -> Iterator[Any]:
     """A cache's hits, misses, evictions, bytes, entries and size limit as vlmkit_<name>_cache_*."""
     prefix = f"vlmkit_{name}_cache"
     yield CounterMetricFamily(f"{prefix}_hits", f"{what} hits", value=cache.hits)

@@ -15,13 +15,11 @@ what /metrics reports (the tokens reused: the engine's `reused_tokens`).
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from vlmkit.infer.byte_lru import ByteLRU
 from vlmkit.models.row_batch import KV
 
 
@@ -41,47 +39,30 @@ def content_key(
     return key
 
 
-@dataclass
-class _Entry:
-    key: torch.Tensor  # [1 + n]
-    kv: KV
-    nbytes: int
-
-
-class PrefixCache:
+class PrefixCache(ByteLRU[int, tuple[torch.Tensor, KV]]):
     """LRU of (content key -> per-layer keys and values), at most `max_bytes` of tensors (0 disables it).
     Thread-safe (the model thread writes it, /metrics reads its counters)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"the prefix cache size must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.hits = self.misses = self.evictions = 0
-        self.nbytes = 0
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()
-        self._next = 0
-        self._lock = threading.Lock()
+    kind = "prefix cache"
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self._next = 0  # the next entry's id
 
     def match(self, key: torch.Tensor, limit: int) -> tuple[KV | None, int]:
         """The entry sharing the longest prefix with `key` and how many of the prompt's tokens (at most `limit`)
         it covers -> (its keys and values, n); (None, 0) when none covers any token."""
-        best, best_n, best_id = None, 0, None
+        best_id, best_n = None, 0
         with self._lock:
-            for entry_id, entry in self._entries.items():
-                tokens = min(
-                    _common(entry.key, key) - 1, limit
-                )  # the first element is the context, not a token
+            for entry_id, ((entry_key, _), _) in self._items.items():
+                # the first element is the context, not a token
+                tokens = min(_common(entry_key, key) - 1, limit)
                 if tokens > best_n:
-                    best, best_n, best_id = entry, tokens, entry_id
-            if best is None:
-                self.misses += 1
+                    best_id, best_n = entry_id, tokens
+            if best_id is None:
+                self._miss()
                 return None, 0
-            self._entries.move_to_end(best_id)
-            self.hits += 1
-            return best.kv, best_n
+            return self._hit(best_id)[1], best_n
 
     def put(self, key: torch.Tensor, kv: KV) -> None:
         """Keep `kv` (per layer [kv_heads, n, head_dim], n = len(key) - 1) under `key`; an entry that is a prefix of
@@ -90,25 +71,14 @@ class PrefixCache:
         if size > self.max_bytes or len(key) < 2:
             return
         with self._lock:
-            for entry_id, entry in list(self._entries.items()):
-                if _common(entry.key, key) == min(len(entry.key), len(key)):  # one is a prefix of the other
-                    if len(entry.key) >= len(key):  # already held
-                        self._entries.move_to_end(entry_id)
+            for entry_id, ((entry_key, _), _) in list(self._items.items()):
+                if _common(entry_key, key) == min(len(entry_key), len(key)):  # one is a prefix of the other
+                    if len(entry_key) >= len(key):  # already held
+                        self._items.move_to_end(entry_id)
                         return
-                    del self._entries[entry_id]  # the new one extends it
-                    self.nbytes -= entry.nbytes
-            self._entries[self._next] = _Entry(key, kv, size)
+                    self._drop(entry_id)  # the new one extends it
+            self._store(self._next, (key, kv), size)
             self._next += 1
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self.nbytes -= dropped.nbytes
-                self.evictions += 1
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.nbytes = 0
 
 
 def _common(a: torch.Tensor, b: torch.Tensor) -> int:

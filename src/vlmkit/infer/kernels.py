@@ -131,10 +131,7 @@ def load(verbose: bool = False) -> Kernels | None:
 
 
 def _has_amx() -> bool:
-    try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_bf16" in _cpu_id().split()
 
 
 def linear_kernels() -> Kernels | None:

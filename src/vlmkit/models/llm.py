@@ -153,6 +153,7 @@ class LanguageModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self.cache_name = cache_kwarg(model)  # the keyword its forward takes a KV cache under
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if cfg.chat_template:
@@ -243,16 +244,9 @@ class LanguageModel(nn.Module):
     def forward(self, **kwargs: Any) -> Any:
         """The transformers model's forward; a KV cache given as `past_key_values` goes under the name the installed
         transformers takes (`cache` since it was renamed: the old name warns and is to go in 5.40)."""
-        if "past_key_values" in kwargs and self._cache_name != "past_key_values":
-            kwargs[self._cache_name] = kwargs.pop("past_key_values")
+        if "past_key_values" in kwargs and self.cache_name != "past_key_values":
+            kwargs[self.cache_name] = kwargs.pop("past_key_values")
         return self.model(**kwargs)
-
-    @property
-    def _cache_name(self) -> str:
-        name = self.__dict__.get("_cache_kwarg")
-        if name is None:
-            name = self.__dict__["_cache_kwarg"] = cache_kwarg(self._transformers_model)
-        return name
 
 
 def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> LanguageModel:

@@ -208,9 +208,8 @@ class BatchWorker:
         if len(allowed) <= 1:
             return
         self.allowed = set(allowed)
-        if (
-            self.config.prefill_threads
-        ):  # start the compute threads of a burst unpinned (they keep their cores)
+        if self.config.prefill_threads:
+            # start the prefill's compute threads unpinned (they keep the cores they start with)
             torch.set_num_threads(self.config.prefill_threads)
             torch.randn(1 << 20).exp_()
             torch.set_num_threads(self.model_threads)

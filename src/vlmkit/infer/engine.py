@@ -435,9 +435,7 @@ class Engine:
     # ------------------------------------------------------------------------------------ prefix cache
     def _prefix(self, row: Row, inputs: LLMInputs) -> tuple[KV | None, int]:
         """The cached keys and values a row's prompt may start from and how many positions they cover."""
-        if (
-            self.prefix_cache is None or inputs.kwargs
-        ):  # fusion arguments (xattn): the layers see more than KV
+        if self.prefix_cache is None or inputs.kwargs:  # fusion arguments (xattn): layers see more than KV
             return None, 0
         row.cacheable = True
         return self.prefix_cache.match(self._content(row), row.prompt_tokens - 1)

@@ -26,9 +26,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from vlmkit.models.fusion import Fusion, LLMInputs
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]], Any]
-KV = list[
-    tuple[torch.Tensor, torch.Tensor]
-]  # per decoder layer: keys, values [kv_heads, n, head_dim] of one row
+# per decoder layer: keys, values [kv_heads, n, head_dim] of one row
+KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass

@@ -52,12 +52,12 @@ FLAGS = [
     "-fassociative-math",
     "-fno-signed-zeros",
     "-fno-trapping-math",
+    "-fopenmp",
 ]
-FLAGS += ["-fopenmp"]
 MAX_DIM = 256  # head size
 MAX_REP = 16  # query heads per key/value head
 
-Kernels = Any  # the built extension module: decode_attention, rope_attention, add_rms_norm, silu_and_mul
+Kernels = Any  # the built extension module (its ops: the module docstring)
 
 _lock = threading.Lock()
 _loaded: dict[str, Kernels | None] = {}
